@@ -1,0 +1,201 @@
+//! Wiring of the commands: which stages run, connected how. No logic of its own.
+
+use std::{
+    collections::HashMap,
+    io::BufWriter,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::atomic::Ordering,
+    time::Duration,
+};
+
+use anyhow::{Context as _, bail};
+use prometheus_client::registry::Registry;
+use tokio::signal::unix::{SignalKind, signal};
+
+use crate::{
+    config::Config,
+    export::{
+        metrics::CaptureCollector,
+        server::{self, ServerState},
+    },
+    source::{CaptureEvent, discovery::Target, recording, runtime::{self, CaptureState}},
+};
+
+/// `gauge-agent run`.
+pub async fn run(config: Config, listen: Option<SocketAddr>) -> anyhow::Result<()> {
+    require_root("run")?;
+    let capture = CaptureState::new();
+    let mut registry = Registry::default();
+    CaptureCollector::register(&mut registry, capture.clone());
+    let state = ServerState::new(registry, &capture);
+    let serve = server::bind(listen.unwrap_or(config.server.listen), state.clone()).await?;
+    let mut serve = tokio::spawn(serve);
+
+    let mut events = runtime::start(config.capture_options(), capture.clone())?;
+    state.ready.store(true, Ordering::Release);
+
+    let mut terminate = signal(SignalKind::terminate())?;
+    loop {
+        tokio::select! {
+            event = events.recv() => match event {
+                // The end of the pipeline for now: capture metrics are counted as
+                // events are drained. Reassembly and LLM metering plug in here.
+                Some(_event) => {}
+                None => bail!("the capture stopped unexpectedly"),
+            },
+            _ = tokio::signal::ctrl_c() => break,
+            _ = terminate.recv() => break,
+            result = &mut serve => bail!("the HTTP listener stopped: {result:?}"),
+        }
+    }
+    tracing::info!("stopping; probes detach as the agent exits");
+    Ok(())
+}
+
+/// Which events `gauge-agent record` keeps.
+#[derive(Debug, Clone, Default)]
+pub struct RecordFilter {
+    pub pid: Option<u32>,
+    pub comm: Option<String>,
+}
+
+impl RecordFilter {
+    /// `comm` matches the thread name or the process's main thread name (worker
+    /// threads of e.g. node have their own names).
+    fn keeps(&self, event: &CaptureEvent, process_names: &mut HashMap<u32, String>) -> bool {
+        if self.pid.is_some_and(|pid| pid != event.tgid) {
+            return false;
+        }
+        match &self.comm {
+            None => true,
+            Some(name) if *name == event.comm => true,
+            Some(name) => {
+                let process = process_names.entry(event.tgid).or_insert_with(|| {
+                    std::fs::read_to_string(format!("/proc/{}/comm", event.tgid))
+                        .map(|c| c.trim_end().to_owned())
+                        .unwrap_or_default()
+                });
+                process == name
+            }
+        }
+    }
+}
+
+/// `gauge-agent record`: writes the preamble once the probes are attached (a caller
+/// may wait for it as the sign that capture is live), then events until stopped.
+pub async fn record(
+    config: Config,
+    output: &Path,
+    filter: RecordFilter,
+    duration: Option<Duration>,
+    redact: bool,
+) -> anyhow::Result<()> {
+    require_root("record")?;
+    let capture = CaptureState::new();
+    let mut events = runtime::start(config.capture_options(), capture.clone())?;
+    let file = std::fs::File::create(output).with_context(|| format!("cannot create {}", output.display()))?;
+    let mut writer = recording::Writer::new(BufWriter::new(file), redact, realtime_offset_ns())?;
+    if !redact {
+        tracing::warn!("recording WITHOUT redaction: the file holds credentials and prompts; never share it");
+    }
+    let mut terminate = signal(SignalKind::terminate())?;
+    let deadline = tokio::time::sleep(duration.unwrap_or(Duration::MAX / 4));
+    tokio::pin!(deadline);
+    let mut names = HashMap::new();
+    let mut written = 0u64;
+    loop {
+        tokio::select! {
+            event = events.recv() => {
+                let Some(event) = event else { bail!("the capture stopped unexpectedly") };
+                if filter.keeps(&event, &mut names) {
+                    writer.write(&event)?;
+                    written += 1;
+                }
+                // Flush when caught up, so the file is current for whoever tails it.
+                if events.is_empty() {
+                    writer.flush()?;
+                }
+            }
+            _ = tokio::signal::ctrl_c() => break,
+            _ = terminate.recv() => break,
+            _ = &mut deadline => break,
+        }
+    }
+    writer.flush()?;
+    let kernel = capture.kernel_stats();
+    let counters = &capture.counters;
+    eprintln!(
+        "gauge-agent record: {written} events written to {}; lost: {} in the kernel ring, {} in the agent queue; {} bytes truncated",
+        output.display(),
+        kernel.events_lost,
+        counters.queue_full.load(Ordering::Relaxed),
+        kernel.bytes_truncated,
+    );
+    Ok(())
+}
+
+/// `gauge-agent targets`: asks the running daemon.
+pub fn targets(listen: SocketAddr, json: bool) -> anyhow::Result<()> {
+    let url = format!("http://{listen}/targets");
+    let body = ureq::get(&url)
+        .call()
+        .with_context(|| format!("cannot reach the daemon at {listen}: is `gauge-agent run` running? (use --listen if it listens elsewhere)"))?
+        .body_mut()
+        .read_to_string()
+        .context("reading the daemon's answer")?;
+    if json {
+        println!("{body}");
+        return Ok(());
+    }
+    let targets: Vec<Target> = serde_json::from_str(&body).context("the daemon's /targets answer is not a target list")?;
+    if targets.is_empty() {
+        println!("no TLS library hooked yet");
+    }
+    for t in targets {
+        let why = match &t.reason {
+            crate::source::discovery::Reason::LinkerCache => "in the linker cache".to_owned(),
+            crate::source::discovery::Reason::Config => "named in the config".to_owned(),
+            crate::source::discovery::Reason::Mapped { pid, comm } => format!("mapped by pid {pid} ({comm})"),
+            crate::source::discovery::Reason::Executable { pid, comm } => format!("executable of pid {pid} ({comm})"),
+        };
+        let symbols: Vec<&str> = t.symbols.iter().map(|(name, _)| name.as_str()).collect();
+        println!("{}\n  why: {why}\n  probes: {} on {}", t.path, t.probes, symbols.join(", "));
+        if let Some(error) = t.error {
+            println!("  not fully hooked: {error}");
+        }
+    }
+    Ok(())
+}
+
+/// `gauge-agent check-config`.
+pub fn check_config(file: &Path) -> anyhow::Result<()> {
+    Config::load(Some(file))?;
+    println!("{}: ok", file.display());
+    Ok(())
+}
+
+pub fn load_config(path: Option<&PathBuf>) -> anyhow::Result<Config> {
+    Ok(Config::load(path.map(PathBuf::as_path))?)
+}
+
+fn require_root(command: &str) -> anyhow::Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!(
+            "gauge-agent {command} needs root: loading eBPF probes requires CAP_BPF, CAP_PERFMON and \
+             CAP_SYS_ADMIN. Run it with sudo (or `cargo xtask run`, which does)."
+        );
+    }
+    Ok(())
+}
+
+fn realtime_offset_ns() -> i128 {
+    let now = |clock| {
+        let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+        // SAFETY: valid pointer to a timespec.
+        unsafe { libc::clock_gettime(clock, &mut ts) };
+        i128::from(ts.tv_sec) * 1_000_000_000 + i128::from(ts.tv_nsec)
+    };
+    now(libc::CLOCK_REALTIME) - now(libc::CLOCK_MONOTONIC)
+}

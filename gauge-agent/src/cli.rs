@@ -1,0 +1,60 @@
+//! Command-line interface. The config file describes policy; flags set the runtime.
+
+use std::{net::SocketAddr, path::PathBuf};
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "gauge-agent", version, about = "See, meter and govern AI agents' LLM calls on this host, from the kernel")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the daemon: attach TLS probes and serve /metrics, /healthz and /targets.
+    Run {
+        /// TOML config file; without it the embedded default is used.
+        #[arg(long, env = "GAUGE_CONFIG")]
+        config: Option<PathBuf>,
+        /// Listen address, overriding `server.listen` (default 127.0.0.1:9977).
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+    },
+    /// List the files the running daemon has hooked, and why.
+    Targets {
+        /// Address of the running daemon.
+        #[arg(long, default_value = "127.0.0.1:9977")]
+        listen: SocketAddr,
+        /// Print the raw JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Capture events to a file (JSON Lines, credentials redacted) until Ctrl-C.
+    Record {
+        /// File to write.
+        #[arg(long, short)]
+        output: PathBuf,
+        /// Only this process.
+        #[arg(long, conflicts_with = "comm")]
+        pid: Option<u32>,
+        /// Only processes whose thread name (comm) is this.
+        #[arg(long)]
+        comm: Option<String>,
+        /// Stop after this many seconds.
+        #[arg(long)]
+        duration: Option<u64>,
+        /// Keep credentials in the recording (never share such a file).
+        #[arg(long)]
+        no_redact: bool,
+        /// TOML config file for the capture settings.
+        #[arg(long, env = "GAUGE_CONFIG")]
+        config: Option<PathBuf>,
+    },
+    /// Validate a config file and print the effective configuration's errors, if any.
+    CheckConfig {
+        /// The file to check.
+        file: PathBuf,
+    },
+}

@@ -1,0 +1,165 @@
+//! Capture metrics, read at scrape time from the capture's counters (user space) and
+//! from the eBPF counter map (kernel), so the hot path only bumps atomics.
+
+use std::sync::{Arc, atomic::Ordering::Relaxed};
+
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeMetric},
+    metrics::{
+        MetricType,
+        counter::ConstCounter,
+        gauge::ConstGauge,
+    },
+    registry::Registry,
+};
+
+use crate::source::{
+    kernel::KernelStats,
+    runtime::{CaptureCounters, CaptureState},
+};
+
+/// Where the collector reads capture figures at scrape time.
+pub trait CaptureStats: Send + Sync + 'static {
+    fn counters(&self) -> &CaptureCounters;
+    fn kernel(&self) -> KernelStats;
+    fn probes_attached(&self) -> usize;
+}
+
+impl CaptureStats for CaptureState {
+    fn counters(&self) -> &CaptureCounters {
+        &self.counters
+    }
+    fn kernel(&self) -> KernelStats {
+        self.kernel_stats()
+    }
+    fn probes_attached(&self) -> usize {
+        CaptureState::probes_attached(self)
+    }
+}
+
+/// Everything the capture stage exports.
+pub struct CaptureCollector<S>(pub Arc<S>);
+
+impl<S> std::fmt::Debug for CaptureCollector<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CaptureCollector")
+    }
+}
+
+impl<S: CaptureStats> CaptureCollector<S> {
+    pub fn register(registry: &mut Registry, stats: Arc<S>) {
+        registry.register_collector(Box::new(Self(stats)));
+    }
+}
+
+fn counter(encoder: &mut DescriptorEncoder, name: &str, help: &str, label: &str, values: &[(&str, u64)]) -> std::fmt::Result {
+    let mut metric = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+    for (value, count) in values {
+        let labels = [(label, *value)];
+        ConstCounter::new(*count).encode(metric.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
+fn plain_counter(encoder: &mut DescriptorEncoder, name: &str, help: &str, value: u64) -> std::fmt::Result {
+    ConstCounter::new(value).encode(encoder.encode_descriptor(name, help, None, MetricType::Counter)?)
+}
+
+impl<S: CaptureStats> Collector for CaptureCollector<S> {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
+        let c = self.0.counters();
+        let k = self.0.kernel();
+        let get = |a: &std::sync::atomic::AtomicU64| a.load(Relaxed);
+        counter(
+            &mut encoder,
+            "gauge_capture_events",
+            "Capture records received by the agent, by kind.",
+            "kind",
+            &[("write", get(&c.writes)), ("read", get(&c.reads)), ("close", get(&c.closes)), ("exec", get(&c.execs))],
+        )?;
+        counter(
+            &mut encoder,
+            "gauge_capture_bytes",
+            "Plaintext bytes received by the agent, by direction (write = sent by the process).",
+            "direction",
+            &[("write", get(&c.bytes_written)), ("read", get(&c.bytes_read))],
+        )?;
+        counter(
+            &mut encoder,
+            "gauge_capture_lost_events",
+            "Capture records lost, by reason: ring_full (kernel ring buffer), queue_full (agent pipeline), decode_error.",
+            "reason",
+            &[("ring_full", k.events_lost), ("queue_full", get(&c.queue_full)), ("decode_error", get(&c.decode_errors))],
+        )?;
+        plain_counter(&mut encoder, "gauge_capture_lost_bytes", "Plaintext bytes in records lost to a full ring buffer.", k.bytes_lost)?;
+        plain_counter(
+            &mut encoder,
+            "gauge_capture_truncated_bytes",
+            "Plaintext bytes beyond capture.max_call_bytes in one call, never captured.",
+            k.bytes_truncated,
+        )?;
+        plain_counter(&mut encoder, "gauge_capture_read_faults", "Chunks whose user memory the probe could not read.", k.read_faults)?;
+        plain_counter(
+            &mut encoder,
+            "gauge_capture_kernel_events",
+            "Capture records the kernel put on the ring buffer (compare with gauge_capture_events_total).",
+            k.events_submitted,
+        )?;
+        plain_counter(
+            &mut encoder,
+            "gauge_capture_exec_backlog_drops",
+            "Exec events not examined for new TLS libraries because discovery was behind.",
+            get(&c.exec_queue_full),
+        )?;
+        let probes = self.0.probes_attached() as i64;
+        ConstGauge::new(probes).encode(encoder.encode_descriptor(
+            "gauge_probes_attached",
+            "Uprobes currently attached to TLS libraries.",
+            None,
+            MetricType::Gauge,
+        )?)?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prometheus_client::encoding::text::encode;
+
+    struct Fixed(CaptureCounters, KernelStats);
+
+    impl CaptureStats for Fixed {
+        fn counters(&self) -> &CaptureCounters {
+            &self.0
+        }
+        fn kernel(&self) -> KernelStats {
+            self.1
+        }
+        fn probes_attached(&self) -> usize {
+            10
+        }
+    }
+
+    #[test]
+    fn capture_metrics_encode_with_their_contract_names() {
+        let counters = CaptureCounters::default();
+        counters.writes.store(3, Relaxed);
+        counters.bytes_read.store(1000, Relaxed);
+        let mut registry = Registry::default();
+        let kernel = KernelStats { events_lost: 2, bytes_truncated: 77, ..Default::default() };
+        CaptureCollector::register(&mut registry, Arc::new(Fixed(counters, kernel)));
+        let mut text = String::new();
+        encode(&mut text, &registry).expect("encodes");
+        for line in [
+            "gauge_capture_events_total{kind=\"write\"} 3",
+            "gauge_capture_bytes_total{direction=\"read\"} 1000",
+            "gauge_capture_lost_events_total{reason=\"ring_full\"} 2",
+            "gauge_capture_truncated_bytes_total 77",
+            "gauge_probes_attached 10",
+        ] {
+            assert!(text.contains(line), "missing `{line}` in:\n{text}");
+        }
+    }
+}

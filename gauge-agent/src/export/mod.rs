@@ -1,0 +1,4 @@
+//! Exporting what Gauge measured: Prometheus metrics and the HTTP listener.
+
+pub mod metrics;
+pub mod server;

@@ -1,0 +1,34 @@
+//! `gauge-agent`: only wiring; see `app` for the commands.
+
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::Parser as _;
+use gauge_agent::{
+    app::{self, RecordFilter},
+    cli::{Cli, Command},
+    telemetry,
+};
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    telemetry::init();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    match cli.command {
+        Command::Run { config, listen } => {
+            let config = app::load_config(config.as_ref())?;
+            runtime.block_on(app::run(config, listen))
+        }
+        Command::Record { output, pid, comm, duration, no_redact, config } => {
+            let config = app::load_config(config.as_ref())?;
+            let filter = RecordFilter { pid, comm };
+            runtime.block_on(app::record(config, &output, filter, duration.map(Duration::from_secs), !no_redact))
+        }
+        Command::Targets { listen, json } => app::targets(listen, json),
+        Command::CheckConfig { file } => app::check_config(&file),
+    }
+}

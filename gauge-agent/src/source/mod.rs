@@ -1,0 +1,15 @@
+//! Capture sources: where [`CaptureEvent`]s come from.
+//!
+//! The kernel source (`kernel`, `discovery`, `elf`) and the replay of a recording
+//! (`recording`) produce the same typed events, so everything downstream can be
+//! tested without a kernel. Nothing downstream reads the clock: time comes from events.
+
+pub mod discovery;
+pub mod elf;
+pub mod event;
+pub mod kernel;
+pub mod recording;
+pub mod redact;
+pub mod runtime;
+
+pub use event::{CaptureEvent, Direction, Payload};

@@ -1,0 +1,227 @@
+//! Recordings: captured events written to a file and read back (replay).
+//!
+//! Format (documented in `docs/RECORDING.md`): JSON Lines. The first line is a
+//! [`Preamble`]; every further line is one [`Line`] with data in base64. Bytes are
+//! redacted by default (see `redact`), keeping their length.
+
+use std::{
+    collections::HashMap,
+    io::{BufRead, Write},
+};
+
+use base64::{Engine as _, engine::general_purpose::STANDARD as B64};
+use serde::{Deserialize, Serialize};
+
+use super::{CaptureEvent, Direction, Payload, redact::StreamRedactor};
+
+pub const FORMAT: &str = "gauge-recording";
+pub const VERSION: u32 = 1;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Preamble {
+    pub format: String,
+    pub version: u32,
+    /// Whether credentials were redacted while recording.
+    pub redacted: bool,
+    /// CLOCK_REALTIME minus CLOCK_MONOTONIC at the start, to turn event times into
+    /// wall-clock times.
+    pub realtime_offset_ns: i128,
+}
+
+/// One event as stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Line {
+    /// CLOCK_MONOTONIC nanoseconds.
+    pub t: u64,
+    pub tgid: u32,
+    pub tid: u32,
+    pub cgroup: u64,
+    pub comm: String,
+    #[serde(flatten)]
+    pub what: What,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum What {
+    Write { conn: u64, call_len: u32, offset: u32, data: String },
+    Read { conn: u64, call_len: u32, offset: u32, data: String },
+    Close { conn: u64 },
+    Exec,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RecordingError {
+    #[error("recording I/O: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("line {line}: {reason}")]
+    Invalid { line: usize, reason: String },
+    #[error("not a Gauge recording (first line must be a `{FORMAT}` preamble, version {VERSION})")]
+    NotARecording,
+}
+
+/// Writes events, redacting each stream's bytes unless told not to.
+pub struct Writer<W: Write> {
+    out: W,
+    redact: bool,
+    redactors: HashMap<(u32, u64, Direction), StreamRedactor>,
+}
+
+impl<W: Write> Writer<W> {
+    pub fn new(mut out: W, redact: bool, realtime_offset_ns: i128) -> Result<Self, RecordingError> {
+        let preamble = Preamble { format: FORMAT.into(), version: VERSION, redacted: redact, realtime_offset_ns };
+        serde_json::to_writer(&mut out, &preamble).map_err(std::io::Error::from)?;
+        out.write_all(b"\n")?;
+        out.flush()?;
+        Ok(Self { out, redact, redactors: HashMap::new() })
+    }
+
+    pub fn write(&mut self, event: &CaptureEvent) -> Result<(), RecordingError> {
+        let what = match &event.payload {
+            Payload::Data { direction, connection, call_len, offset, bytes } => {
+                let mut bytes = bytes.clone();
+                if self.redact {
+                    self.redactors.entry((event.tgid, *connection, *direction)).or_default().redact(&mut bytes);
+                }
+                let (conn, call_len, offset, data) = (*connection, *call_len, *offset, B64.encode(&bytes));
+                match direction {
+                    Direction::Write => What::Write { conn, call_len, offset, data },
+                    Direction::Read => What::Read { conn, call_len, offset, data },
+                }
+            }
+            Payload::Close { connection } => {
+                for direction in [Direction::Write, Direction::Read] {
+                    self.redactors.remove(&(event.tgid, *connection, direction));
+                }
+                What::Close { conn: *connection }
+            }
+            Payload::Exec => What::Exec,
+        };
+        let line = Line {
+            t: event.timestamp_ns,
+            tgid: event.tgid,
+            tid: event.tid,
+            cgroup: event.cgroup_id,
+            comm: event.comm.clone(),
+            what,
+        };
+        serde_json::to_writer(&mut self.out, &line).map_err(std::io::Error::from)?;
+        self.out.write_all(b"\n")?;
+        Ok(())
+    }
+
+    pub fn flush(&mut self) -> Result<(), RecordingError> {
+        Ok(self.out.flush()?)
+    }
+}
+
+/// Reads a whole recording back into events.
+pub fn read(input: impl BufRead) -> Result<(Preamble, Vec<CaptureEvent>), RecordingError> {
+    let mut lines = input.lines().enumerate();
+    let preamble: Preamble = match lines.next() {
+        Some((_, first)) => serde_json::from_str(&first?).map_err(|_| RecordingError::NotARecording)?,
+        None => return Err(RecordingError::NotARecording),
+    };
+    if preamble.format != FORMAT || preamble.version != VERSION {
+        return Err(RecordingError::NotARecording);
+    }
+    let mut events = Vec::new();
+    for (index, text) in lines {
+        let text = text?;
+        if text.trim().is_empty() {
+            continue;
+        }
+        let invalid = |reason: String| RecordingError::Invalid { line: index + 1, reason };
+        let line: Line = serde_json::from_str(&text).map_err(|e| invalid(e.to_string()))?;
+        let decode = |data: &str| B64.decode(data).map_err(|e| invalid(format!("data: {e}")));
+        let payload = match line.what {
+            What::Write { conn, call_len, offset, data } => Payload::Data {
+                direction: Direction::Write,
+                connection: conn,
+                call_len,
+                offset,
+                bytes: decode(&data)?,
+            },
+            What::Read { conn, call_len, offset, data } => Payload::Data {
+                direction: Direction::Read,
+                connection: conn,
+                call_len,
+                offset,
+                bytes: decode(&data)?,
+            },
+            What::Close { conn } => Payload::Close { connection: conn },
+            What::Exec => Payload::Exec,
+        };
+        events.push(CaptureEvent {
+            timestamp_ns: line.t,
+            tgid: line.tgid,
+            tid: line.tid,
+            cgroup_id: line.cgroup,
+            comm: line.comm,
+            payload,
+        });
+    }
+    Ok((preamble, events))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn data(direction: Direction, bytes: &[u8]) -> CaptureEvent {
+        CaptureEvent {
+            timestamp_ns: 5,
+            tgid: 7,
+            tid: 8,
+            cgroup_id: 9,
+            comm: "python3".into(),
+            payload: Payload::Data { direction, connection: 3, call_len: bytes.len() as u32, offset: 0, bytes: bytes.to_vec() },
+        }
+    }
+
+    #[test]
+    fn events_round_trip_through_a_recording() {
+        let events = vec![
+            data(Direction::Write, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"),
+            data(Direction::Read, &[0, 159, 255, 10]),
+            CaptureEvent { payload: Payload::Close { connection: 3 }, ..data(Direction::Read, b"") },
+            CaptureEvent { payload: Payload::Exec, ..data(Direction::Read, b"") },
+        ];
+        let mut out = Vec::new();
+        let mut writer = Writer::new(&mut out, true, 42).expect("preamble");
+        for e in &events {
+            writer.write(e).expect("write");
+        }
+        writer.flush().expect("flush");
+        let (preamble, back) = read(out.as_slice()).expect("read");
+        assert!(preamble.redacted);
+        assert_eq!(preamble.realtime_offset_ns, 42);
+        assert_eq!(back, events);
+    }
+
+    #[test]
+    fn secrets_never_reach_the_file() {
+        let mut out = Vec::new();
+        let mut writer = Writer::new(&mut out, true, 0).expect("preamble");
+        writer.write(&data(Direction::Write, b"POST / HTTP/1.1\r\nAuthorization: Bearer sk-live-0123456789abcdefXYZ\r\n\r\n")).expect("write");
+        let (_, back) = read(out.as_slice()).expect("read");
+        let Payload::Data { bytes, .. } = &back[0].payload else { panic!("data") };
+        let text = String::from_utf8_lossy(bytes);
+        assert!(!text.contains("0123456789abcdef"), "{text}");
+        assert!(text.contains("Authorization: ******"));
+    }
+
+    #[test]
+    fn broken_files_are_clear_errors() {
+        assert!(matches!(read(&b"hello\n"[..]), Err(RecordingError::NotARecording)));
+        let mut out = Vec::new();
+        Writer::new(&mut out, false, 0).expect("preamble");
+        out.extend_from_slice(b"{\"t\":1}\n");
+        match read(out.as_slice()) {
+            Err(RecordingError::Invalid { line: 2, .. }) => {}
+            other => panic!("expected an error on line 2, got {other:?}"),
+        }
+    }
+}

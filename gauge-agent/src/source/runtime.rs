@@ -1,0 +1,247 @@
+//! The live capture: the kernel object, the discovery thread that attaches probes
+//! to new files, and the task that drains the ring buffer into typed events.
+//!
+//! Every event that cannot be delivered is counted, never silently lost: the kernel
+//! counts ring-buffer overflows, this module counts decode errors and full queues.
+
+use std::{
+    cmp::Reverse,
+    collections::BinaryHeap,
+    path::PathBuf,
+    sync::{
+        Arc, Mutex, OnceLock,
+        atomic::{AtomicU64, Ordering::Relaxed},
+        mpsc as std_mpsc,
+    },
+    time::{Duration, Instant},
+};
+
+use aya::maps::{MapData, RingBuf};
+use tokio::{
+    io::unix::AsyncFd,
+    sync::{mpsc, watch},
+};
+
+use super::{
+    CaptureEvent, Payload,
+    discovery::{self, Candidate, Offer, Planner, Target},
+    elf,
+    kernel::{KernelCapture, KernelError, KernelStats, KernelStatsReader, LoadOptions, raise_memlock_rlimit},
+};
+
+/// How the live capture is set up (from the `[capture]` config section).
+#[derive(Debug, Clone)]
+pub struct CaptureOptions {
+    pub load: LoadOptions,
+    /// Events buffered between the ring-buffer reader and the pipeline.
+    pub queue_events: usize,
+    pub extra_targets: Vec<PathBuf>,
+}
+
+/// Counters kept in user space; the kernel's own are read through [`KernelStatsReader`].
+#[derive(Debug, Default)]
+pub struct CaptureCounters {
+    pub writes: AtomicU64,
+    pub reads: AtomicU64,
+    pub closes: AtomicU64,
+    pub execs: AtomicU64,
+    pub bytes_written: AtomicU64,
+    pub bytes_read: AtomicU64,
+    pub decode_errors: AtomicU64,
+    pub queue_full: AtomicU64,
+    pub exec_queue_full: AtomicU64,
+}
+
+/// What the capture shares with the rest of the agent (metrics, `/targets`), created
+/// before the capture starts so the listener can answer while probes attach.
+pub struct CaptureState {
+    pub counters: CaptureCounters,
+    pub targets: watch::Sender<Vec<Target>>,
+    kernel: OnceLock<Mutex<KernelStatsReader>>,
+}
+
+impl CaptureState {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self { counters: CaptureCounters::default(), targets: watch::Sender::new(Vec::new()), kernel: OnceLock::new() })
+    }
+
+    /// The kernel-side counters, zero before the capture has started.
+    pub fn kernel_stats(&self) -> KernelStats {
+        self.kernel.get().and_then(|m| m.lock().ok().map(|reader| reader.read())).unwrap_or_default()
+    }
+
+    pub fn probes_attached(&self) -> usize {
+        self.targets.borrow().iter().map(|t| t.probes).sum()
+    }
+}
+
+/// Delays after an exec at which the process's mappings are looked at again, to
+/// catch TLS libraries it loads late (e.g. Python imports `ssl` on demand).
+const RESCAN_AFTER: [Duration; 3] = [Duration::from_millis(100), Duration::from_secs(1), Duration::from_secs(5)];
+
+/// Loads the probes, attaches to every TLS library in use or in the linker cache,
+/// and starts draining events into the returned channel. Returns once the first
+/// attach pass is done. Must be called inside a tokio runtime.
+pub fn start(options: CaptureOptions, state: Arc<CaptureState>) -> Result<mpsc::Receiver<CaptureEvent>, KernelError> {
+    raise_memlock_rlimit();
+    let mut kernel = KernelCapture::load(options.load)?;
+    let ring = kernel.take_ring()?;
+    let stats = kernel.take_stats()?;
+
+    let mut planner = Planner::default();
+    let proc_root = PathBuf::from("/proc");
+    let mut initial = discovery::startup_candidates(&options.extra_targets);
+    for pid in discovery::all_pids(&proc_root) {
+        initial.extend(discovery::process_candidates(&proc_root, pid));
+    }
+    for candidate in initial {
+        offer(&mut planner, &mut kernel, candidate);
+    }
+    state.targets.send_replace(planner.targets().to_vec());
+    let _ = state.kernel.set(Mutex::new(stats));
+    tracing::info!(
+        targets = planner.targets().len(),
+        probes = planner.targets().iter().map(|t| t.probes).sum::<usize>(),
+        "TLS capture attached"
+    );
+
+    let (exec_tx, exec_rx) = std_mpsc::sync_channel::<u32>(4096);
+    std::thread::Builder::new()
+        .name("gauge-discovery".into())
+        .spawn({
+            let state = state.clone();
+            move || discovery_loop(kernel, planner, proc_root, exec_rx, &state.targets)
+        })
+        .map_err(KernelError::Thread)?;
+
+    let (events_tx, events) = mpsc::channel(options.queue_events.max(1));
+    let reader = RingReader { state, events: events_tx, execs: exec_tx };
+    tokio::spawn(reader.run(ring));
+    Ok(events)
+}
+
+fn offer(planner: &mut Planner, kernel: &mut KernelCapture, candidate: Candidate) {
+    let Ok(file) = discovery::file_id(&candidate.open_path) else { return };
+    if let Offer::Attach(candidate, file, symbols) = planner.offer(candidate, file, elf::inspect) {
+        let (probes, error) = kernel.attach(&candidate.open_path, &symbols);
+        match &error {
+            None => tracing::info!(path = %candidate.display_path, probes, reason = ?candidate.reason, "attached"),
+            Some(error) => tracing::warn!(path = %candidate.display_path, probes, %error, "attach incomplete"),
+        }
+        planner.attached(candidate, file, &symbols, probes, error);
+    }
+}
+
+/// Owns the kernel object: attaching is blocking work (ELF parsing, perf_event_open),
+/// so it runs on its own thread, fed by exec events.
+fn discovery_loop(
+    mut kernel: KernelCapture,
+    mut planner: Planner,
+    proc_root: PathBuf,
+    execs: std_mpsc::Receiver<u32>,
+    targets: &watch::Sender<Vec<Target>>,
+) {
+    let mut rescans: BinaryHeap<Reverse<(Instant, u32)>> = BinaryHeap::new();
+    loop {
+        let next = match rescans.peek() {
+            Some(Reverse((at, _))) => execs.recv_timeout(at.saturating_duration_since(Instant::now())),
+            None => execs.recv().map_err(|_| std_mpsc::RecvTimeoutError::Disconnected),
+        };
+        let pid = match next {
+            Ok(pid) => {
+                let now = Instant::now();
+                rescans.extend(RESCAN_AFTER.iter().map(|d| Reverse((now + *d, pid))));
+                pid
+            }
+            Err(std_mpsc::RecvTimeoutError::Timeout) => match rescans.pop() {
+                Some(Reverse((_, pid))) => pid,
+                None => continue,
+            },
+            Err(std_mpsc::RecvTimeoutError::Disconnected) => return,
+        };
+        let before = planner.targets().len();
+        for candidate in discovery::process_candidates(&proc_root, pid) {
+            offer(&mut planner, &mut kernel, candidate);
+        }
+        if planner.targets().len() != before {
+            targets.send_replace(planner.targets().to_vec());
+        }
+    }
+}
+
+struct RingReader {
+    state: Arc<CaptureState>,
+    events: mpsc::Sender<CaptureEvent>,
+    execs: std_mpsc::SyncSender<u32>,
+}
+
+impl RingReader {
+    async fn run(self, ring: RingBuf<MapData>) {
+        // SAFETY: the ring buffer owns its fd and lives inside the AsyncFd for as long
+        // as the registration, so the fd cannot be closed or reused while registered.
+        let mut fd = match unsafe { AsyncFd::register(ring) } {
+            Ok(fd) => fd,
+            Err(error) => {
+                let (_, error) = error.into_parts();
+                tracing::error!(%error, "cannot poll the capture ring buffer; no events will be seen");
+                return;
+            }
+        };
+        loop {
+            let mut guard = match fd.readable_mut().await {
+                Ok(guard) => guard,
+                Err(error) => {
+                    tracing::error!(%error, "polling the capture ring buffer failed");
+                    return;
+                }
+            };
+            let ring = guard.get_inner_mut();
+            while let Some(item) = ring.next() {
+                if !self.handle(&item) {
+                    return;
+                }
+            }
+            guard.clear_ready();
+        }
+    }
+
+    /// Decodes and forwards one record; false once the pipeline is gone.
+    fn handle(&self, record: &[u8]) -> bool {
+        let event = match CaptureEvent::try_from(record) {
+            Ok(event) => event,
+            Err(error) => {
+                self.state.counters.decode_errors.fetch_add(1, Relaxed);
+                tracing::debug!(%error, "undecodable capture record");
+                return true;
+            }
+        };
+        let c = &self.state.counters;
+        match &event.payload {
+            Payload::Data { direction: super::Direction::Write, bytes, .. } => {
+                c.writes.fetch_add(1, Relaxed);
+                c.bytes_written.fetch_add(bytes.len() as u64, Relaxed);
+            }
+            Payload::Data { direction: super::Direction::Read, bytes, .. } => {
+                c.reads.fetch_add(1, Relaxed);
+                c.bytes_read.fetch_add(bytes.len() as u64, Relaxed);
+            }
+            Payload::Close { .. } => {
+                c.closes.fetch_add(1, Relaxed);
+            }
+            Payload::Exec => {
+                c.execs.fetch_add(1, Relaxed);
+                if self.execs.try_send(event.tgid).is_err() {
+                    c.exec_queue_full.fetch_add(1, Relaxed);
+                }
+            }
+        }
+        match self.events.try_send(event) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                c.queue_full.fetch_add(1, Relaxed);
+                true
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        }
+    }
+}

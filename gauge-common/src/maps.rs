@@ -1,0 +1,26 @@
+//! Names of the maps, programs and globals the agent looks up in the eBPF object.
+//! Both sides use these constants so that a rename cannot silently break attachment.
+
+/// Ring buffer carrying [`crate::tls::TlsChunkHeader`] records followed by their bytes.
+pub const EVENTS: &str = "EVENTS";
+/// Per-CPU array of `u64` counters indexed by [`crate::tls::Stat`] values.
+pub const STATS: &str = "STATS";
+/// Global `u32`: the most bytes captured from one `SSL_write`/`SSL_read` call.
+pub const GLOBAL_MAX_CALL_BYTES: &str = "MAX_CALL_BYTES";
+/// Global `u32`: the agent's own tgid, whose TLS traffic is never captured.
+pub const GLOBAL_SELF_TGID: &str = "SELF_TGID";
+
+/// Program names (the Rust function names in `gauge-ebpf`).
+pub mod programs {
+    pub const SSL_WRITE_ENTRY: &str = "ssl_write_entry";
+    pub const SSL_WRITE_RETURN: &str = "ssl_write_return";
+    pub const SSL_WRITE_EX_ENTRY: &str = "ssl_write_ex_entry";
+    pub const SSL_WRITE_EX_RETURN: &str = "ssl_write_ex_return";
+    pub const SSL_READ_ENTRY: &str = "ssl_read_entry";
+    pub const SSL_READ_RETURN: &str = "ssl_read_return";
+    pub const SSL_READ_EX_ENTRY: &str = "ssl_read_ex_entry";
+    pub const SSL_READ_EX_RETURN: &str = "ssl_read_ex_return";
+    pub const SSL_SHUTDOWN_ENTRY: &str = "ssl_shutdown_entry";
+    pub const SSL_FREE_ENTRY: &str = "ssl_free_entry";
+    pub const SCHED_PROCESS_EXEC: &str = "sched_process_exec";
+}

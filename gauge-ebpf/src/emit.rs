@@ -1,0 +1,132 @@
+//! Turning one intercepted call into ring-buffer records.
+
+use aya_ebpf::helpers::{
+    bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns,
+    generated::{bpf_loop, bpf_probe_read_user, bpf_ringbuf_output},
+};
+use core::ffi::c_void;
+use gauge_common::tls::{CHUNK_BYTES, HEADER_BYTES, MAX_CHUNKS_PER_CALL, stat};
+
+use crate::maps::{Chunk, EVENTS, SCRATCH, count, max_call_bytes};
+
+/// The per-CPU scratch record with its header filled for the current task.
+#[inline(always)]
+fn scratch(kind: u32, connection: u64, call_len: u32) -> Option<&'static mut Chunk> {
+    // SAFETY: per-CPU map value; nothing else on this CPU runs until we return.
+    let chunk = unsafe { &mut *SCRATCH.get_ptr_mut(0)? };
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let header = &mut chunk.header;
+    // SAFETY: plain helper calls without pointer arguments.
+    header.timestamp_ns = unsafe { bpf_ktime_get_ns() };
+    header.cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+    header.connection = connection;
+    header.tgid = (pid_tgid >> 32) as u32;
+    header.pid = pid_tgid as u32;
+    header.kind = kind;
+    header.call_len = call_len;
+    header.offset = 0;
+    header.chunk_len = 0;
+    header.comm = bpf_get_current_comm().unwrap_or_default();
+    Some(chunk)
+}
+
+/// Sends `header + data[..len]`; counts it as submitted or lost.
+#[inline(always)]
+fn output(chunk: &mut Chunk, len: usize) {
+    // Re-clamp right before the helper call: the verifier needs the bound on the
+    // exact register it checks, and the compiler may not keep an earlier one.
+    let len = len & (2 * CHUNK_BYTES - 1);
+    if len > CHUNK_BYTES {
+        return;
+    }
+    chunk.header.chunk_len = len as u32;
+    // SAFETY: `chunk` is a valid map value of HEADER_BYTES + CHUNK_BYTES bytes and
+    // `len <= CHUNK_BYTES`.
+    let ret = unsafe {
+        bpf_ringbuf_output(
+            (&raw const EVENTS).cast_mut().cast(),
+            (chunk as *mut Chunk).cast(),
+            (HEADER_BYTES + len) as u64,
+            0,
+        )
+    };
+    if ret == 0 {
+        count(stat::EVENTS_SUBMITTED, 1);
+        count(stat::BYTES_SUBMITTED, len as u64);
+    } else {
+        count(stat::EVENTS_LOST, 1);
+        count(stat::BYTES_LOST, len as u64);
+    }
+}
+
+/// State of one call's copy loop, on the caller's stack.
+#[repr(C)]
+struct CopyLoop {
+    buf: u64,
+    cap: u32,
+    _pad: u32,
+}
+
+/// Emits the plaintext of a completed `SSL_write`/`SSL_read` as chunks of at most
+/// [`CHUNK_BYTES`], up to the per-call cap. Bytes past the cap, or that cannot be
+/// read, are counted; user space sees the gap as `offset + chunk_len < call_len`.
+///
+/// The chunks are produced by `bpf_loop` (kernel 5.17+): the verifier checks the
+/// callback once, where an unrolled loop of 256 chunks exceeds its budget.
+#[inline(always)]
+pub fn call(kind: u32, connection: u64, buf: u64, call_len: u32) {
+    let cap = call_len.min(max_call_bytes());
+    if call_len > cap {
+        count(stat::BYTES_TRUNCATED, u64::from(call_len - cap));
+    }
+    if scratch(kind, connection, call_len).is_none() {
+        return;
+    }
+    let chunks = (cap as usize).div_ceil(CHUNK_BYTES).min(MAX_CHUNKS_PER_CALL) as u32;
+    let mut state = CopyLoop { buf, cap, _pad: 0 };
+    // SAFETY: the callback has the signature bpf_loop requires and only reads `state`.
+    unsafe {
+        bpf_loop(chunks, copy_chunk as *mut c_void, (&raw mut state).cast(), 0);
+    }
+}
+
+/// One iteration: copies chunk `index` of the call into the scratch record and
+/// outputs it. Returns 1 to stop the loop.
+extern "C" fn copy_chunk(index: u64, ctx: *mut c_void) -> i64 {
+    // SAFETY: bpf_loop passes back the pointer `call` gave it, to a live CopyLoop.
+    let state = unsafe { &*(ctx as *const CopyLoop) };
+    let offset = (index as usize).wrapping_mul(CHUNK_BYTES);
+    let cap = state.cap as usize;
+    if offset >= cap {
+        return 1;
+    }
+    // SAFETY: per-CPU map value, header already filled by `call` on this CPU.
+    let Some(chunk) = SCRATCH.get_ptr_mut(0).map(|p| unsafe { &mut *p }) else {
+        return 1;
+    };
+    let len = (cap - offset).min(CHUNK_BYTES);
+    let len = len & (2 * CHUNK_BYTES - 1);
+    if len > CHUNK_BYTES {
+        return 1;
+    }
+    chunk.header.offset = offset as u32;
+    // SAFETY: the destination is the scratch value's data array and
+    // `len <= CHUNK_BYTES`; the source is user memory, checked by the helper.
+    let read = unsafe {
+        bpf_probe_read_user(chunk.data.as_mut_ptr().cast(), len as u32, (state.buf as usize + offset) as *const c_void)
+    };
+    if read != 0 {
+        count(stat::READ_FAULTS, 1);
+        return 1;
+    }
+    output(chunk, len);
+    0
+}
+
+/// Emits a header-only record (connection close, exec).
+#[inline(always)]
+pub fn marker(kind: u32, connection: u64) {
+    if let Some(chunk) = scratch(kind, connection, 0) {
+        output(chunk, 0);
+    }
+}

@@ -1,0 +1,67 @@
+//! Maps and globals shared by the probes. Names match `gauge_common::maps`.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{LruHashMap, PerCpuArray, RingBuf},
+};
+use gauge_common::tls::{CHUNK_BYTES, MAX_CALL_BYTES as HARD_MAX_CALL_BYTES, TlsChunkHeader, stat};
+
+/// Captured records. User space sets the real size at load time.
+#[map]
+pub static EVENTS: RingBuf = RingBuf::with_byte_size(16 * 1024 * 1024, 0);
+
+/// Loss and volume counters, per CPU so that no probe contends on a lock.
+#[map]
+pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stat::COUNT, 0);
+
+/// One record under construction per CPU: too large for the 512-byte BPF stack.
+#[map]
+pub static SCRATCH: PerCpuArray<Chunk> = PerCpuArray::with_max_entries(1, 0);
+
+/// Arguments saved at `SSL_write*` entry, keyed by pid_tgid, read at return. LRU so a
+/// thread that dies mid-call cannot leak an entry forever.
+#[map]
+pub static WRITE_ARGS: LruHashMap<u64, SavedCall> = LruHashMap::with_max_entries(16384, 0);
+
+/// Same for `SSL_read*`.
+#[map]
+pub static READ_ARGS: LruHashMap<u64, SavedCall> = LruHashMap::with_max_entries(16384, 0);
+
+/// Most bytes captured from one call; user space sets it from the config.
+#[unsafe(no_mangle)]
+static MAX_CALL_BYTES: u32 = HARD_MAX_CALL_BYTES;
+
+/// The per-call cap, never above what the chunk loop can carry.
+#[inline(always)]
+pub fn max_call_bytes() -> u32 {
+    // SAFETY: a plain global that the loader rewrites before the program runs; the
+    // volatile read keeps the compiler from folding in the default.
+    let configured = unsafe { core::ptr::read_volatile(&MAX_CALL_BYTES) };
+    configured.min(HARD_MAX_CALL_BYTES)
+}
+
+#[repr(C)]
+pub struct Chunk {
+    pub header: TlsChunkHeader,
+    pub data: [u8; CHUNK_BYTES],
+}
+
+/// Arguments of an in-flight call.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct SavedCall {
+    /// The `SSL*`.
+    pub ssl: u64,
+    /// The caller's plaintext buffer.
+    pub buf: u64,
+    /// `_ex` forms: where the byte count is written (`size_t *`); 0 otherwise.
+    pub len_out: u64,
+}
+
+#[inline(always)]
+pub fn count(index: u32, by: u64) {
+    if let Some(slot) = STATS.get_ptr_mut(index) {
+        // SAFETY: per-CPU slot, and a BPF program is not preempted on its CPU.
+        unsafe { *slot += by };
+    }
+}

@@ -1,0 +1,2 @@
+pub mod openssl;
+pub mod process;

@@ -1,0 +1,137 @@
+//! OpenSSL (shared `libssl.so*` or linked statically, e.g. into node) and BoringSSL,
+//! which keeps the same entry points.
+//!
+//! Writes are emitted at return and only when the call succeeded: node calls
+//! `SSL_write` repeatedly with the same bytes while a handshake is pending, and only
+//! the successful call sends them. Reads are emitted at return, when the buffer
+//! holds the plaintext. Entry probes save the arguments per thread; return probes
+//! always remove them.
+
+use aya_ebpf::{
+    helpers::{bpf_get_current_pid_tgid, bpf_probe_read_user},
+    macros::{uprobe, uretprobe},
+    maps::LruHashMap,
+    programs::{ProbeContext, RetProbeContext},
+};
+use gauge_common::tls::{kind, stat};
+
+use crate::{
+    emit,
+    maps::{READ_ARGS, SavedCall, WRITE_ARGS, count},
+};
+
+fn save(ctx: &ProbeContext, calls: &LruHashMap<u64, SavedCall>, len_out_arg: Option<usize>) {
+    let call = SavedCall {
+        ssl: ctx.arg::<u64>(0).unwrap_or(0),
+        buf: ctx.arg::<u64>(1).unwrap_or(0),
+        len_out: len_out_arg.and_then(|n| ctx.arg::<u64>(n)).unwrap_or(0),
+    };
+    let _ = calls.insert(bpf_get_current_pid_tgid(), call, 0);
+}
+
+fn take(calls: &LruHashMap<u64, SavedCall>) -> Option<SavedCall> {
+    let key = bpf_get_current_pid_tgid();
+    // SAFETY: the value is copied out before the entry is removed.
+    let call = unsafe { calls.get(key) }.copied();
+    let _ = calls.remove(key);
+    if call.is_none() {
+        count(stat::MISSING_ENTRY, 1);
+    }
+    call
+}
+
+/// Return of `int SSL_write(SSL *s, const void *buf, int num)` or
+/// `int SSL_read(SSL *s, void *buf, int num)`: the result is the byte count.
+fn finish_int(ctx: &RetProbeContext, calls: &LruHashMap<u64, SavedCall>, kind: u32) {
+    let ret: i32 = ctx.ret();
+    if let Some(call) = take(calls)
+        && ret > 0
+    {
+        emit::call(kind, call.ssl, call.buf, ret as u32);
+    }
+}
+
+/// Return of `int SSL_write_ex(SSL *s, const void *buf, size_t num, size_t *written)`
+/// or `int SSL_read_ex(SSL *s, void *buf, size_t num, size_t *readbytes)`: 1 on
+/// success, with the byte count stored through the last argument.
+fn finish_ex(ctx: &RetProbeContext, calls: &LruHashMap<u64, SavedCall>, kind: u32) {
+    let ret: i32 = ctx.ret();
+    let Some(call) = take(calls) else { return };
+    if ret != 1 || call.len_out == 0 {
+        return;
+    }
+    // SAFETY: user memory read through the checked helper.
+    let Ok(len) = (unsafe { bpf_probe_read_user(call.len_out as *const u64) }) else {
+        count(stat::READ_FAULTS, 1);
+        return;
+    };
+    if len > 0 {
+        emit::call(kind, call.ssl, call.buf, len.min(u32::MAX as u64) as u32);
+    }
+}
+
+/// `int SSL_write(SSL *s, const void *buf, int num)`
+#[uprobe]
+pub fn ssl_write_entry(ctx: ProbeContext) -> u32 {
+    save(&ctx, &WRITE_ARGS, None);
+    0
+}
+
+#[uretprobe]
+pub fn ssl_write_return(ctx: RetProbeContext) -> u32 {
+    finish_int(&ctx, &WRITE_ARGS, kind::WRITE);
+    0
+}
+
+/// `int SSL_write_ex(SSL *s, const void *buf, size_t num, size_t *written)`
+#[uprobe]
+pub fn ssl_write_ex_entry(ctx: ProbeContext) -> u32 {
+    save(&ctx, &WRITE_ARGS, Some(3));
+    0
+}
+
+#[uretprobe]
+pub fn ssl_write_ex_return(ctx: RetProbeContext) -> u32 {
+    finish_ex(&ctx, &WRITE_ARGS, kind::WRITE);
+    0
+}
+
+/// `int SSL_read(SSL *s, void *buf, int num)`
+#[uprobe]
+pub fn ssl_read_entry(ctx: ProbeContext) -> u32 {
+    save(&ctx, &READ_ARGS, None);
+    0
+}
+
+#[uretprobe]
+pub fn ssl_read_return(ctx: RetProbeContext) -> u32 {
+    finish_int(&ctx, &READ_ARGS, kind::READ);
+    0
+}
+
+/// `int SSL_read_ex(SSL *s, void *buf, size_t num, size_t *readbytes)`
+#[uprobe]
+pub fn ssl_read_ex_entry(ctx: ProbeContext) -> u32 {
+    save(&ctx, &READ_ARGS, Some(3));
+    0
+}
+
+#[uretprobe]
+pub fn ssl_read_ex_return(ctx: RetProbeContext) -> u32 {
+    finish_ex(&ctx, &READ_ARGS, kind::READ);
+    0
+}
+
+/// `int SSL_shutdown(SSL *s)`: the connection is ending.
+#[uprobe]
+pub fn ssl_shutdown_entry(ctx: ProbeContext) -> u32 {
+    emit::marker(kind::CLOSE, ctx.arg::<u64>(0).unwrap_or(0));
+    0
+}
+
+/// `void SSL_free(SSL *s)`: the `SSL*` may be reused for another connection.
+#[uprobe]
+pub fn ssl_free_entry(ctx: ProbeContext) -> u32 {
+    emit::marker(kind::CLOSE, ctx.arg::<u64>(0).unwrap_or(0));
+    0
+}
