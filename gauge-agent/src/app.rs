@@ -35,7 +35,10 @@ pub async fn run(config: Config, listen: Option<SocketAddr>) -> anyhow::Result<(
     let mut events = runtime::start(config.capture_options(), capture.clone())?;
     state.ready.store(true, Ordering::Release);
 
+    // Created once, before the loop: a signal that arrives while no listener exists
+    // would be lost.
     let mut terminate = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
     loop {
         tokio::select! {
             event = events.recv() => match event {
@@ -44,11 +47,13 @@ pub async fn run(config: Config, listen: Option<SocketAddr>) -> anyhow::Result<(
                 Some(_event) => {}
                 None => bail!("the capture stopped unexpectedly"),
             },
-            _ = tokio::signal::ctrl_c() => break,
+            _ = interrupt.recv() => break,
             _ = terminate.recv() => break,
             result = &mut serve => bail!("the HTTP listener stopped: {result:?}"),
         }
     }
+    // Each uprobe's detach waits for the kernel (~0.1 s, serialized on a global
+    // lock), so exit takes a moment per hooked function; nothing is left behind.
     tracing::info!("stopping; probes detach as the agent exits");
     Ok(())
 }
@@ -99,7 +104,10 @@ pub async fn record(
     if !redact {
         tracing::warn!("recording WITHOUT redaction: the file holds credentials and prompts; never share it");
     }
+    // Created once, before the loop: a signal that arrives while no listener exists
+    // would be lost.
     let mut terminate = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
     let deadline = tokio::time::sleep(duration.unwrap_or(Duration::MAX / 4));
     tokio::pin!(deadline);
     let mut names = HashMap::new();
@@ -117,7 +125,7 @@ pub async fn record(
                     writer.flush()?;
                 }
             }
-            _ = tokio::signal::ctrl_c() => break,
+            _ = interrupt.recv() => break,
             _ = terminate.recv() => break,
             _ = &mut deadline => break,
         }

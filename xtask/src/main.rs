@@ -1,1 +1,83 @@
-fn main(){}
+//! `cargo xtask`: set-up, build, run and test. Orchestration only.
+
+mod setup;
+
+use std::process::Command;
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask", about = "Gauge's developer commands")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what building the eBPF programs needs (idempotent; Debian/Ubuntu, root).
+    Setup,
+    /// Set up if needed, build release, and run `gauge-agent run` with the embedded
+    /// default config. Arguments after `--` go to `gauge-agent run`.
+    Run {
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Set up if needed, build, and run every test, the kernel tests included.
+    Test {
+        /// Extra arguments for `cargo test` (e.g. a test name filter).
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Cmd::Setup => setup::run(),
+        Cmd::Run { args } => {
+            if !setup::is_root() {
+                bail!("`cargo xtask run` starts the daemon, which loads eBPF probes and needs root: run it as root (e.g. `sudo -E cargo xtask run`)");
+            }
+            setup::run()?;
+            cargo(&["build", "--release", "-p", "gauge-agent"])?;
+            let status = Command::new("target/release/gauge-agent")
+                .arg("run")
+                .args(&args)
+                .status()
+                .context("cannot start target/release/gauge-agent")?;
+            exit_with(status)
+        }
+        Cmd::Test { args } => {
+            setup::run()?;
+            setup::test_dependencies()?;
+            step("building the agent (release, eBPF object embedded)");
+            cargo(&["build", "--release", "-p", "gauge-agent"])?;
+            step("running the test suite");
+            let mut test = vec!["test", "--release", "--workspace", "--exclude", "gauge-ebpf"];
+            test.extend(args.iter().map(String::as_str));
+            cargo(&test)
+        }
+    }
+}
+
+fn step(what: &str) {
+    eprintln!("==> {what}");
+}
+
+fn cargo(args: &[&str]) -> anyhow::Result<()> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = Command::new(&cargo).args(args).status().with_context(|| format!("cannot run {cargo}"))?;
+    if !status.success() {
+        bail!("`cargo {}` failed ({status})", args.join(" "));
+    }
+    Ok(())
+}
+
+fn exit_with(status: std::process::ExitStatus) -> anyhow::Result<()> {
+    if status.success() {
+        Ok(())
+    } else {
+        bail!("gauge-agent exited with {status}")
+    }
+}

@@ -122,9 +122,9 @@ impl Planner {
     }
 }
 
-/// The identity of the file at `path`, following symlinks.
-pub fn file_id(path: &Path) -> std::io::Result<FileId> {
-    let meta = std::fs::metadata(path)?;
+/// The identity of an open file.
+pub fn file_id_of(file: &std::fs::File) -> std::io::Result<FileId> {
+    let meta = file.metadata()?;
     if !meta.is_file() {
         return Err(std::io::Error::other("not a regular file"));
     }

@@ -103,7 +103,7 @@ impl KernelCapture {
                 match result {
                     Ok(_) => attached += 1,
                     Err(error) => {
-                        first_error.get_or_insert_with(|| format!("{symbol}: {error}"));
+                        first_error.get_or_insert_with(|| format!("{symbol}: {}", chain(&error)));
                     }
                 }
             }
@@ -123,6 +123,18 @@ impl KernelCapture {
         let array = PerCpuArray::try_from(map).map_err(|source| KernelError::Map { name: STATS, source })?;
         Ok(KernelStatsReader { array })
     }
+}
+
+/// An error with its causes, for logs.
+fn chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }
 
 fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, KernelError>

@@ -29,9 +29,9 @@ pub struct Preamble {
     pub realtime_offset_ns: i128,
 }
 
-/// One event as stored.
+/// One event as stored. (No `deny_unknown_fields`: serde does not support it
+/// together with the flattened, tagged [`What`].)
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct Line {
     /// CLOCK_MONOTONIC nanoseconds.
     pub t: u64,

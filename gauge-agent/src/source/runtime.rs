@@ -6,6 +6,8 @@
 
 use std::{
     cmp::Reverse,
+    fs::File,
+    os::fd::AsRawFd,
     collections::BinaryHeap,
     path::PathBuf,
     sync::{
@@ -94,8 +96,9 @@ pub fn start(options: CaptureOptions, state: Arc<CaptureState>) -> Result<mpsc::
     for pid in discovery::all_pids(&proc_root) {
         initial.extend(discovery::process_candidates(&proc_root, pid));
     }
+    let mut open = Vec::new();
     for candidate in initial {
-        offer(&mut planner, &mut kernel, candidate);
+        offer(&mut planner, &mut kernel, &mut open, candidate);
     }
     state.targets.send_replace(planner.targets().to_vec());
     let _ = state.kernel.set(Mutex::new(stats));
@@ -110,7 +113,7 @@ pub fn start(options: CaptureOptions, state: Arc<CaptureState>) -> Result<mpsc::
         .name("gauge-discovery".into())
         .spawn({
             let state = state.clone();
-            move || discovery_loop(kernel, planner, proc_root, exec_rx, &state.targets)
+            move || discovery_loop(kernel, planner, open, proc_root, exec_rx, &state.targets)
         })
         .map_err(KernelError::Thread)?;
 
@@ -120,15 +123,24 @@ pub fn start(options: CaptureOptions, state: Arc<CaptureState>) -> Result<mpsc::
     Ok(events)
 }
 
-fn offer(planner: &mut Planner, kernel: &mut KernelCapture, candidate: Candidate) {
-    let Ok(file) = discovery::file_id(&candidate.open_path) else { return };
-    if let Offer::Attach(candidate, file, symbols) = planner.offer(candidate, file, elf::inspect) {
-        let (probes, error) = kernel.attach(&candidate.open_path, &symbols);
+/// Inspects a candidate and attaches to it when it is a new TLS library.
+///
+/// The file is opened once and then reached as `/proc/self/fd/N`, never again by the
+/// candidate's path: `/proc/PID/exe` and `/proc/PID/root/...` vanish when a
+/// short-lived process exits mid-attach. The open file is kept in `open` so the
+/// path stays valid for the agent's life.
+fn offer(planner: &mut Planner, kernel: &mut KernelCapture, open: &mut Vec<File>, candidate: Candidate) {
+    let Ok(file) = File::open(&candidate.open_path) else { return };
+    let Ok(id) = discovery::file_id_of(&file) else { return };
+    let fd_path = PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()));
+    if let Offer::Attach(candidate, id, symbols) = planner.offer(candidate, id, |_| elf::inspect(&fd_path)) {
+        let (probes, error) = kernel.attach(&fd_path, &symbols);
         match &error {
             None => tracing::info!(path = %candidate.display_path, probes, reason = ?candidate.reason, "attached"),
             Some(error) => tracing::warn!(path = %candidate.display_path, probes, %error, "attach incomplete"),
         }
-        planner.attached(candidate, file, &symbols, probes, error);
+        planner.attached(candidate, id, &symbols, probes, error);
+        open.push(file);
     }
 }
 
@@ -137,6 +149,7 @@ fn offer(planner: &mut Planner, kernel: &mut KernelCapture, candidate: Candidate
 fn discovery_loop(
     mut kernel: KernelCapture,
     mut planner: Planner,
+    mut open: Vec<File>,
     proc_root: PathBuf,
     execs: std_mpsc::Receiver<u32>,
     targets: &watch::Sender<Vec<Target>>,
@@ -161,7 +174,7 @@ fn discovery_loop(
         };
         let before = planner.targets().len();
         for candidate in discovery::process_candidates(&proc_root, pid) {
-            offer(&mut planner, &mut kernel, candidate);
+            offer(&mut planner, &mut kernel, &mut open, candidate);
         }
         if planner.targets().len() != before {
             targets.send_replace(planner.targets().to_vec());

@@ -1,0 +1,115 @@
+//! `cargo xtask setup`: the recipe of `shared/TOOLCHAIN.md` as idempotent steps.
+//!
+//! The eBPF crate needs Debian's rustc 1.96 (it ships a prebuilt `core` for
+//! bpfel-unknown-none), linked into rustup as `debian-bpf`, and bpf-linker built
+//! against the same LLVM (22).
+
+use std::process::{Command, Stdio};
+
+use anyhow::{Context as _, bail};
+
+const BUILD_PACKAGES: [&str; 4] = ["rustc-web", "cargo-web", "libstd-rust-web-dev-bpf", "llvm-22-dev"];
+/// Clients and tools the kernel tests drive.
+const TEST_PACKAGES: [&str; 3] = ["curl", "openssl", "ca-certificates"];
+const TOOLCHAIN: &str = "debian-bpf";
+const BPF_LINKER: &str = "0.13.0";
+
+pub fn is_root() -> bool {
+    Command::new("id").arg("-u").output().is_ok_and(|o| o.stdout.trim_ascii() == b"0")
+}
+
+pub fn run() -> anyhow::Result<()> {
+    let missing = missing_packages(&BUILD_PACKAGES);
+    let toolchain = has_toolchain();
+    let linker = has_bpf_linker();
+    if missing.is_empty() && toolchain && linker {
+        eprintln!("==> setup: eBPF toolchain ready (Debian rustc, `{TOOLCHAIN}` toolchain, bpf-linker {BPF_LINKER})");
+        return Ok(());
+    }
+    check_host()?;
+    if !missing.is_empty() {
+        apt_install(&missing)?;
+    }
+    if !toolchain {
+        eprintln!("==> setup: linking Debian's rustc as the rustup toolchain `{TOOLCHAIN}`");
+        run_cmd(Command::new("rustup").args(["toolchain", "link", TOOLCHAIN, "/usr"]))?;
+    }
+    if !linker {
+        eprintln!("==> setup: building bpf-linker {BPF_LINKER} against LLVM 22 (about two minutes, once)");
+        run_cmd(
+            Command::new("cargo")
+                .env("LLVM_PREFIX", "/usr/lib/llvm-22")
+                .env_remove("RUSTC_BOOTSTRAP")
+                .args(["install", &format!("bpf-linker@{BPF_LINKER}"), "--locked", "--no-default-features", "--features", "llvm-22"]),
+        )?;
+    }
+    eprintln!("==> setup: done");
+    Ok(())
+}
+
+/// Clients the kernel tests run against the capture.
+pub fn test_dependencies() -> anyhow::Result<()> {
+    let missing = missing_packages(&TEST_PACKAGES);
+    if missing.is_empty() {
+        return Ok(());
+    }
+    check_host()?;
+    apt_install(&missing)
+}
+
+fn check_host() -> anyhow::Result<()> {
+    let os = std::fs::read_to_string("/etc/os-release").unwrap_or_default();
+    let debian_like = os.lines().any(|l| {
+        (l.starts_with("ID=") || l.starts_with("ID_LIKE=")) && (l.contains("debian") || l.contains("ubuntu"))
+    });
+    if !debian_like {
+        bail!("cargo xtask setup installs Debian packages and supports Debian 12 / Ubuntu hosts only; elsewhere follow shared/TOOLCHAIN.md by hand");
+    }
+    if !is_root() {
+        bail!("cargo xtask setup installs packages and needs root: run it as root (e.g. `sudo -E cargo xtask setup`)");
+    }
+    Ok(())
+}
+
+fn missing_packages<'a>(packages: &[&'a str]) -> Vec<&'a str> {
+    packages
+        .iter()
+        .copied()
+        .filter(|p| {
+            !Command::new("dpkg-query")
+                .args(["-W", "-f=${Status}", p])
+                .output()
+                .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+        })
+        .collect()
+}
+
+fn apt_install(packages: &[&str]) -> anyhow::Result<()> {
+    eprintln!("==> setup: installing Debian packages: {}", packages.join(" "));
+    run_cmd(Command::new("apt-get").args(["update", "-q"]))?;
+    run_cmd(Command::new("apt-get").env("DEBIAN_FRONTEND", "noninteractive").args(["install", "-y", "-q"]).args(packages))
+        .context("apt-get install failed: the eBPF build needs Debian 12's rustc-web (1.96) and LLVM 22 packages")
+}
+
+fn has_toolchain() -> bool {
+    Command::new("rustup")
+        .args(["toolchain", "list"])
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).lines().any(|l| l.starts_with(TOOLCHAIN)))
+}
+
+fn has_bpf_linker() -> bool {
+    Command::new("bpf-linker")
+        .arg("--version")
+        .stderr(Stdio::null())
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER))
+}
+
+fn run_cmd(cmd: &mut Command) -> anyhow::Result<()> {
+    let status = cmd.status().with_context(|| format!("cannot run {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed ({status})");
+    }
+    Ok(())
+}
