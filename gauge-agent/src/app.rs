@@ -1,7 +1,6 @@
 //! Wiring of the commands: which stages run, connected how. No logic of its own.
 
 use std::{
-    collections::HashMap,
     io::BufWriter,
     net::SocketAddr,
     path::{Path, PathBuf},
@@ -19,7 +18,7 @@ use crate::{
         metrics::CaptureCollector,
         server::{self, ServerState},
     },
-    source::{CaptureEvent, discovery::Target, recording, runtime::{self, CaptureState}},
+    source::{discovery::Target, recording, runtime::{self, CaptureState}},
 };
 
 /// `gauge-agent run`.
@@ -58,41 +57,12 @@ pub async fn run(config: Config, listen: Option<SocketAddr>) -> anyhow::Result<(
     Ok(())
 }
 
-/// Which events `gauge-agent record` keeps.
-#[derive(Debug, Clone, Default)]
-pub struct RecordFilter {
-    pub pid: Option<u32>,
-    pub comm: Option<String>,
-}
-
-impl RecordFilter {
-    /// `comm` matches the thread name or the process's main thread name (worker
-    /// threads of e.g. node have their own names).
-    fn keeps(&self, event: &CaptureEvent, process_names: &mut HashMap<u32, String>) -> bool {
-        if self.pid.is_some_and(|pid| pid != event.tgid) {
-            return false;
-        }
-        match &self.comm {
-            None => true,
-            Some(name) if *name == event.comm => true,
-            Some(name) => {
-                let process = process_names.entry(event.tgid).or_insert_with(|| {
-                    std::fs::read_to_string(format!("/proc/{}/comm", event.tgid))
-                        .map(|c| c.trim_end().to_owned())
-                        .unwrap_or_default()
-                });
-                process == name
-            }
-        }
-    }
-}
-
 /// `gauge-agent record`: writes the preamble once the probes are attached (a caller
 /// may wait for it as the sign that capture is live), then events until stopped.
 pub async fn record(
     config: Config,
     output: &Path,
-    filter: RecordFilter,
+    mut filter: recording::Filter,
     duration: Option<Duration>,
     redact: bool,
 ) -> anyhow::Result<()> {
@@ -110,13 +80,12 @@ pub async fn record(
     let mut interrupt = signal(SignalKind::interrupt())?;
     let deadline = tokio::time::sleep(duration.unwrap_or(Duration::MAX / 4));
     tokio::pin!(deadline);
-    let mut names = HashMap::new();
     let mut written = 0u64;
     loop {
         tokio::select! {
             event = events.recv() => {
                 let Some(event) = event else { bail!("the capture stopped unexpectedly") };
-                if filter.keeps(&event, &mut names) {
+                if filter.keeps(&event) {
                     writer.write(&event)?;
                     written += 1;
                 }

@@ -5,7 +5,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::Parser as _;
 use gauge_agent::{
-    app::{self, RecordFilter},
+    app,
     cli::{Cli, Command},
     telemetry,
 };
@@ -25,7 +25,7 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Record { output, pid, comm, duration, no_redact, config } => {
             let config = app::load_config(config.as_ref())?;
-            let filter = RecordFilter { pid, comm };
+            let filter = gauge_agent::source::recording::Filter::new(pid, comm);
             runtime.block_on(app::record(config, &output, filter, duration.map(Duration::from_secs), !no_redact))
         }
         Command::Targets { listen, json } => app::targets(listen, json),

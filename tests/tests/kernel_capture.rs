@@ -270,3 +270,45 @@ fn daemon_serves_health_metrics_and_targets() {
     assert!(targets.status.success() && listing.contains("libssl.so.3") && listing.contains("SSL_write"), "{listing}");
     assert!(daemon.stop().success(), "daemon exits cleanly on SIGTERM");
 }
+
+const PYTHON_HELD: &str = r#"
+import http.client, os, ssl, sys
+ctx = ssl.create_default_context(cafile=os.environ["GAUGE_TEST_CA"])
+sys.stdin.readline()
+conn = http.client.HTTPSConnection("127.0.0.1", int(os.environ["GAUGE_TEST_PORT"]), context=ctx)
+conn.request("POST", "/size/777", body="from a container")
+print(len(conn.getresponse().read()))
+"#;
+
+#[test]
+fn a_private_libssl_copy_in_another_mount_namespace_is_found_and_hooked() {
+    if !kernel_tests_enabled("mount namespace") {
+        return;
+    }
+    // Like a container: the process sees its own libssl (another inode) at the usual
+    // path, in a mount namespace of its own. The agent reaches it via /proc/PID/root.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let system = "/usr/lib/x86_64-linux-gnu/libssl.so.3";
+    let copy = dir.path().join("libssl.so.3");
+    std::fs::copy(system, &copy).expect("copy libssl");
+    let server = MockTls::start();
+    let recorder = Recorder::start(false, &[]);
+    let script = format!(
+        "mount --bind {} {system} && exec python3 -c '{}'",
+        copy.display(),
+        PYTHON_HELD.replace('\'', "\"")
+    );
+    let mut cmd = std::process::Command::new("unshare");
+    cmd.args(["--mount", "--propagation", "private", "sh", "-c", &script])
+        .env("GAUGE_TEST_CA", &server.ca_file)
+        .env("GAUGE_TEST_PORT", server.addr.port().to_string());
+    let python = Held::start("python in its own mount namespace", &mut cmd);
+    let pid = python.pid();
+    recorder.log.wait_for(&["attached", "libssl.so.3", &format!("pid: {pid}")], std::time::Duration::from_secs(15));
+    let out = python.go("python in its own mount namespace");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "777");
+    let exchanges = server.wait_exchanges(1);
+    let captured = captured_exchanges(&recorder, pid, &exchanges);
+    assert_same(captured.iter().find(|s| s.written == exchanges[0].received).expect("stream"), &exchanges[0]);
+    recorder.stop();
+}

@@ -53,6 +53,8 @@ fn main() -> anyhow::Result<()> {
             setup::test_dependencies()?;
             step("building the agent (release, eBPF object embedded)");
             cargo(&["build", "--release", "-p", "gauge-agent"])?;
+            step("lints (clippy, warnings are errors)");
+            cargo(&["clippy", "--release", "--workspace", "--exclude", "gauge-ebpf", "--all-targets", "--", "-D", "warnings"])?;
             step("running the test suite");
             let mut test = vec!["test", "--release", "--workspace", "--exclude", "gauge-ebpf"];
             test.extend(args.iter().map(String::as_str));

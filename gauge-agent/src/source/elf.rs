@@ -94,6 +94,16 @@ mod tests {
     }
 
     #[test]
+    fn node_exports_its_static_openssl() {
+        let path = Path::new("/usr/bin/node");
+        if !path.exists() {
+            return; // node is not installed; the kernel tests say so if they need it.
+        }
+        let symbols = inspect(path).expect("node parses");
+        assert!(symbols.is_hookable(), "node links OpenSSL statically: {symbols:?}");
+    }
+
+    #[test]
     fn files_without_openssl_are_not_hookable() {
         let symbols = inspect(Path::new("/bin/sh")).expect("sh is ELF");
         assert!(!symbols.is_hookable());

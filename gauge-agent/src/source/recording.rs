@@ -117,6 +117,41 @@ impl<W: Write> Writer<W> {
     }
 }
 
+/// Which events `gauge-agent record` keeps.
+#[derive(Debug, Clone, Default)]
+pub struct Filter {
+    pub pid: Option<u32>,
+    pub comm: Option<String>,
+    /// Process names already looked up, by tgid.
+    names: HashMap<u32, String>,
+}
+
+impl Filter {
+    pub fn new(pid: Option<u32>, comm: Option<String>) -> Self {
+        Self { pid, comm, names: HashMap::new() }
+    }
+
+    /// `comm` matches the thread name or the process's main thread name (worker
+    /// threads, e.g. node's, have names of their own).
+    pub fn keeps(&mut self, event: &CaptureEvent) -> bool {
+        if self.pid.is_some_and(|pid| pid != event.tgid) {
+            return false;
+        }
+        match &self.comm {
+            None => true,
+            Some(name) if *name == event.comm => true,
+            Some(name) => {
+                let process = self.names.entry(event.tgid).or_insert_with(|| {
+                    std::fs::read_to_string(format!("/proc/{}/comm", event.tgid))
+                        .map(|c| c.trim_end().to_owned())
+                        .unwrap_or_default()
+                });
+                process == name
+            }
+        }
+    }
+}
+
 /// Reads a whole recording back into events.
 pub fn read(input: impl BufRead) -> Result<(Preamble, Vec<CaptureEvent>), RecordingError> {
     let mut lines = input.lines().enumerate();
@@ -211,6 +246,20 @@ mod tests {
         let text = String::from_utf8_lossy(bytes);
         assert!(!text.contains("0123456789abcdef"), "{text}");
         assert!(text.contains("Authorization: ******"));
+    }
+
+    #[test]
+    fn filters_keep_only_the_asked_process() {
+        let event = data(Direction::Write, b"x");
+        assert!(Filter::new(None, None).keeps(&event));
+        assert!(Filter::new(Some(7), None).keeps(&event));
+        assert!(!Filter::new(Some(8), None).keeps(&event));
+        assert!(Filter::new(None, Some("python3".into())).keeps(&event));
+        // Neither the thread name nor pid 7's process name (pid 7 is not ours).
+        assert!(!Filter::new(None, Some("curl".into())).keeps(&event));
+        let mine = CaptureEvent { tgid: std::process::id(), comm: "worker".into(), ..event };
+        let own_name = std::fs::read_to_string("/proc/self/comm").expect("comm").trim_end().to_owned();
+        assert!(Filter::new(None, Some(own_name)).keeps(&mine), "the process name matches a worker thread's event");
     }
 
     #[test]

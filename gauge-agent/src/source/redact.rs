@@ -7,6 +7,7 @@
 //!   carried across chunks of one stream (a header may straddle two writes).
 //! - Key-shaped tokens anywhere (`sk-...`, `AIza...`) are replaced too. A token split
 //!   across two chunks is only caught in the chunk holding its prefix.
+//!
 //! HTTP/2 header blocks are HPACK-compressed: Huffman-coded values are not plaintext,
 //! and raw literal values are caught by the token pass.
 
