@@ -2,6 +2,7 @@
 
 use std::{
     io::BufWriter,
+    os::unix::fs::OpenOptionsExt as _,
     net::SocketAddr,
     path::{Path, PathBuf},
     sync::atomic::Ordering,
@@ -69,7 +70,14 @@ pub async fn record(
     require_root("record")?;
     let capture = CaptureState::new();
     let mut events = runtime::start(config.capture_options(), capture.clone())?;
-    let file = std::fs::File::create(output).with_context(|| format!("cannot create {}", output.display()))?;
+    // Owner-only: even redacted, a recording holds prompts and completions.
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(output)
+        .with_context(|| format!("cannot create {}", output.display()))?;
     let mut writer = recording::Writer::new(BufWriter::new(file), redact, realtime_offset_ns())?;
     if !redact {
         tracing::warn!("recording WITHOUT redaction: the file holds credentials and prompts; never share it");

@@ -232,6 +232,9 @@ fn recordings_redact_credentials_by_default() {
     let events = recorder.wait_until("curl request", |events| {
         streams(events, pid).values().any(|s| s.written.len() == exchanges[0].received.len())
     });
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = std::fs::metadata(&recorder.output).expect("stat recording").permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "recordings hold prompts: owner-only");
     recorder.stop();
     let written = streams(&events, pid).into_values().find(|s| !s.written.is_empty()).expect("stream").written;
     let text = String::from_utf8_lossy(&written);

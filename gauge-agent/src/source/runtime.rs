@@ -182,6 +182,9 @@ fn discovery_loop(
     }
 }
 
+/// Records handled before the reader yields to other tasks.
+const BATCH: usize = 4096;
+
 struct RingReader {
     state: Arc<CaptureState>,
     events: mpsc::Sender<CaptureEvent>,
@@ -209,12 +212,24 @@ impl RingReader {
                 }
             };
             let ring = guard.get_inner_mut();
-            while let Some(item) = ring.next() {
+            let mut drained = false;
+            for _ in 0..BATCH {
+                let Some(item) = ring.next() else {
+                    drained = true;
+                    break;
+                };
                 if !self.handle(&item) {
                     return;
                 }
             }
-            guard.clear_ready();
+            if drained {
+                guard.clear_ready();
+            } else {
+                // A flood must not monopolise a worker thread; readiness is kept, so
+                // the next poll resumes at once.
+                drop(guard);
+                tokio::task::yield_now().await;
+            }
         }
     }
 
