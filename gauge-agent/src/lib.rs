@@ -10,3 +10,6 @@ pub mod config;
 pub mod export;
 pub mod source;
 pub mod telemetry;
+pub mod http;
+pub mod llm;
+pub mod reassembly;

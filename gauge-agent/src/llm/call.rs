@@ -1,0 +1,251 @@
+//! Following one recognised exchange from request to end, incrementally: request
+//! body (for model and stream flags), response head, response body as a whole JSON
+//! document or as a stream of server-sent events.
+
+use std::hash::{DefaultHasher, Hasher as _};
+
+use serde::Deserialize;
+
+use super::{
+    Endpoint, Provider, Recognized,
+    usage::{self, Envelope, GeminiUsage, RawUsage, Usage},
+};
+use crate::http::{RequestHead, ResponseHead, sse};
+
+/// Request bytes kept to read the model and stream flags from.
+pub const MAX_REQUEST_BODY: usize = 8 << 20;
+/// Bytes of a non-streamed response body kept to read usage from.
+pub const MAX_RESPONSE_BODY: usize = 16 << 20;
+
+/// A finished LLM call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LlmCall {
+    pub provider: Provider,
+    pub endpoint: Endpoint,
+    pub request_model: Option<String>,
+    pub response_model: Option<String>,
+    /// HTTP status; `None` when no response came.
+    pub status: Option<u16>,
+    pub stream: bool,
+    /// Event times, CLOCK_MONOTONIC ns.
+    pub start_ns: u64,
+    pub first_byte_ns: Option<u64>,
+    pub first_token_ns: Option<u64>,
+    pub end_ns: u64,
+    pub error_type: Option<String>,
+    pub request_id: Option<String>,
+    /// Reported usage; `None` when the response carried none.
+    pub usage: Option<Usage>,
+    /// `x-stainless-retry-count` of the official SDKs.
+    pub retry_count: Option<u32>,
+    /// Hash of the request body, to spot repeated requests.
+    pub body_hash: u64,
+    /// The exchange was cut short (connection closed, evicted, bytes lost).
+    pub incomplete: bool,
+}
+
+impl LlmCall {
+    /// The model to report: what the provider answered, else what was asked.
+    pub fn model(&self) -> &str {
+        self.response_model.as_deref().or(self.request_model.as_deref()).unwrap_or("unknown")
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct RequestFields {
+    model: Option<String>,
+    stream: Option<bool>,
+}
+
+/// Usage as it accumulates over a stream.
+#[derive(Debug, Default)]
+enum Reported {
+    #[default]
+    None,
+    Raw(RawUsage),
+    Gemini(GeminiUsage),
+}
+
+#[derive(Debug)]
+pub struct CallTracker {
+    recognized: Recognized,
+    start_ns: u64,
+    retry_count: Option<u32>,
+    request_body: Vec<u8>,
+    request_body_cut: bool,
+    hasher: DefaultHasher,
+    request_model: Option<String>,
+    stream_requested: bool,
+    response: Option<ResponseHead>,
+    first_byte_ns: Option<u64>,
+    first_token_ns: Option<u64>,
+    sse: Option<sse::Decoder>,
+    body: Vec<u8>,
+    body_cut: bool,
+    reported: Reported,
+    response_model: Option<String>,
+    error_type: Option<String>,
+}
+
+impl CallTracker {
+    pub fn new(recognized: Recognized, head: &RequestHead, start_ns: u64) -> Self {
+        let retry_count = head.headers.get("x-stainless-retry-count").and_then(|v| v.parse().ok());
+        Self {
+            stream_requested: recognized.path_stream,
+            request_model: recognized.path_model.clone(),
+            recognized,
+            start_ns,
+            retry_count,
+            request_body: Vec::new(),
+            request_body_cut: false,
+            hasher: Default::default(),
+            response: None,
+            first_byte_ns: None,
+            first_token_ns: None,
+            sse: None,
+            body: Vec::new(),
+            body_cut: false,
+            reported: Reported::None,
+            response_model: None,
+            error_type: None,
+        }
+    }
+
+    pub fn request_body(&mut self, bytes: &[u8]) {
+        // Raw bytes, no length prefix: the hash must not depend on how reads split.
+        self.hasher.write(bytes);
+        let room = MAX_REQUEST_BODY.saturating_sub(self.request_body.len());
+        self.request_body_cut |= bytes.len() > room;
+        self.request_body.extend_from_slice(&bytes[..bytes.len().min(room)]);
+    }
+
+    /// The request is complete: read the model and whether a stream was asked for.
+    pub fn request_end(&mut self) {
+        let body = std::mem::take(&mut self.request_body);
+        if let Ok(fields) = serde_json::from_slice::<RequestFields>(&body) {
+            if fields.model.is_some() {
+                self.request_model = fields.model;
+            }
+            self.stream_requested |= fields.stream.unwrap_or(false);
+        }
+    }
+
+    pub fn response_head(&mut self, head: ResponseHead) {
+        let event_stream = head.headers.get("content-type").is_some_and(|t| t.starts_with("text/event-stream"));
+        if event_stream {
+            self.sse = Some(sse::Decoder::default());
+        }
+        self.response = Some(head);
+    }
+
+    pub fn response_body(&mut self, bytes: &[u8], at_ns: u64) {
+        if bytes.is_empty() {
+            return;
+        }
+        self.first_byte_ns.get_or_insert(at_ns);
+        if let Some(decoder) = &mut self.sse {
+            let mut events = Vec::new();
+            decoder.feed(bytes, &mut events);
+            for event in events {
+                self.stream_event(&event, at_ns);
+            }
+            return;
+        }
+        let room = MAX_RESPONSE_BODY.saturating_sub(self.body.len());
+        self.body_cut |= bytes.len() > room;
+        self.body.extend_from_slice(&bytes[..bytes.len().min(room)]);
+    }
+
+    fn stream_event(&mut self, event: &sse::SseEvent, at_ns: u64) {
+        if event.data == "[DONE]" {
+            return;
+        }
+        let Ok(envelope) = serde_json::from_str::<Envelope>(&event.data) else { return };
+        let kind = envelope.kind.as_deref().or(event.event.as_deref()).unwrap_or("");
+        // The first event that carries content marks the first token.
+        let content = match self.recognized.endpoint {
+            Endpoint::Messages => kind == "content_block_delta",
+            Endpoint::Responses => kind == "response.output_text.delta" || kind.ends_with(".delta"),
+            _ => true,
+        };
+        if content {
+            self.first_token_ns.get_or_insert(at_ns);
+        }
+        self.absorb(envelope);
+    }
+
+    /// Takes model, usage and error from one envelope (body or stream event).
+    fn absorb(&mut self, envelope: Envelope) {
+        let Envelope { model, model_version, usage, usage_metadata, response, message, error, .. } = envelope;
+        if let Some(inner) = response.or(message) {
+            self.absorb(*inner);
+        }
+        if let Some(model) = model.or(model_version) {
+            self.response_model = Some(model);
+        }
+        if let Some(raw) = usage {
+            match &mut self.reported {
+                Reported::Raw(acc) if self.recognized.endpoint == Endpoint::Messages => acc.merge(&raw),
+                reported => *reported = Reported::Raw(raw),
+            }
+        }
+        if let Some(gemini) = usage_metadata {
+            self.reported = Reported::Gemini(gemini);
+        }
+        if let Some(error) = error {
+            self.error_type = error.label();
+        }
+    }
+
+    /// The exchange is over; `complete` is false when it was cut short.
+    pub fn finish(mut self, end_ns: u64, complete: bool) -> LlmCall {
+        let event_stream = self.sse.is_some();
+        if let Some(mut decoder) = self.sse.take() {
+            let mut events = Vec::new();
+            decoder.finish(&mut events);
+            for event in events {
+                self.stream_event(&event, end_ns);
+            }
+        } else if !self.body.is_empty() {
+            let body = std::mem::take(&mut self.body);
+            if let Ok(envelope) = serde_json::from_slice::<Envelope>(&body) {
+                self.absorb(envelope);
+            }
+        }
+        let status = self.response.as_ref().map(|r| r.status);
+        if self.error_type.is_none() {
+            self.error_type = match status {
+                None => Some("no_response".into()),
+                Some(s) if s >= 400 => Some(format!("http_{s}")),
+                _ => None,
+            };
+        }
+        let endpoint = self.recognized.endpoint;
+        let usage = match &self.reported {
+            Reported::None => None,
+            Reported::Raw(raw) => Some(usage::from_raw(endpoint, raw)),
+            Reported::Gemini(g) => Some(usage::from_gemini(g)),
+        };
+        let request_id = self.response.as_ref().and_then(|r| {
+            r.headers.get("x-request-id").or_else(|| r.headers.get("request-id")).map(str::to_owned)
+        });
+        LlmCall {
+            provider: self.recognized.provider,
+            endpoint,
+            request_model: self.request_model,
+            response_model: self.response_model,
+            status,
+            stream: self.stream_requested || event_stream,
+            start_ns: self.start_ns,
+            first_byte_ns: self.first_byte_ns,
+            first_token_ns: self.first_token_ns.or(if self.stream_requested { None } else { self.first_byte_ns }),
+            end_ns,
+            error_type: self.error_type,
+            request_id,
+            usage,
+            retry_count: self.retry_count,
+            body_hash: self.hasher.finish(),
+            incomplete: !complete || self.body_cut || self.request_body_cut,
+        }
+    }
+}

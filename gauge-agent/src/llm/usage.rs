@@ -1,0 +1,216 @@
+//! Reading token usage from provider responses, whole bodies and streamed events.
+
+use serde::Deserialize;
+
+use super::Endpoint;
+
+/// Exact token counts of one call; the kinds do not overlap (see the module docs).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub input: u64,
+    pub cache_read: u64,
+    pub cache_write: u64,
+    /// Output tokens, reasoning included.
+    pub output: u64,
+    /// Reasoning tokens, a subset of `output`.
+    pub reasoning: u64,
+}
+
+/// The fields of every provider's response envelope that Gauge reads; the rest is
+/// ignored. One struct serves whole bodies and stream events of all providers.
+#[derive(Debug, Default, Deserialize)]
+pub struct Envelope {
+    pub model: Option<String>,
+    #[serde(rename = "modelVersion")]
+    pub model_version: Option<String>,
+    pub usage: Option<RawUsage>,
+    #[serde(rename = "usageMetadata")]
+    pub usage_metadata: Option<GeminiUsage>,
+    #[serde(rename = "type")]
+    pub kind: Option<String>,
+    /// OpenAI Responses stream events wrap the response.
+    pub response: Option<Box<Envelope>>,
+    /// Anthropic `message_start` wraps the message.
+    pub message: Option<Box<Envelope>>,
+    pub error: Option<ErrorBody>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct ErrorBody {
+    #[serde(rename = "type")]
+    pub kind: Option<String>,
+    /// Gemini's error status (`RESOURCE_EXHAUSTED`).
+    pub status: Option<String>,
+    pub code: Option<serde_json::Value>,
+}
+
+impl ErrorBody {
+    pub fn label(&self) -> Option<String> {
+        self.kind.clone().or_else(|| self.status.clone()).or_else(|| match &self.code {
+            Some(serde_json::Value::String(code)) => Some(code.clone()),
+            _ => None,
+        })
+    }
+}
+
+#[derive(Debug, Default, Clone, Deserialize)]
+pub struct Details {
+    pub cached_tokens: Option<u64>,
+    pub reasoning_tokens: Option<u64>,
+}
+
+/// OpenAI (chat, responses, embeddings) and Anthropic usage objects, merged.
+#[derive(Debug, Default, Clone, Deserialize)]
+pub struct RawUsage {
+    pub prompt_tokens: Option<u64>,
+    pub completion_tokens: Option<u64>,
+    pub prompt_tokens_details: Option<Details>,
+    pub completion_tokens_details: Option<Details>,
+    pub input_tokens: Option<u64>,
+    pub output_tokens: Option<u64>,
+    pub input_tokens_details: Option<Details>,
+    pub output_tokens_details: Option<Details>,
+    pub cache_creation_input_tokens: Option<u64>,
+    pub cache_read_input_tokens: Option<u64>,
+}
+
+impl RawUsage {
+    /// Anthropic streams: `message_delta` carries cumulative counts that replace
+    /// those of `message_start`, field by field.
+    pub fn merge(&mut self, newer: &RawUsage) {
+        macro_rules! take {
+            ($($f:ident),*) => { $( if newer.$f.is_some() { self.$f = newer.$f.clone(); } )* };
+        }
+        take!(
+            prompt_tokens, completion_tokens, prompt_tokens_details, completion_tokens_details, input_tokens,
+            output_tokens, input_tokens_details, output_tokens_details, cache_creation_input_tokens,
+            cache_read_input_tokens
+        );
+    }
+}
+
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GeminiUsage {
+    pub prompt_token_count: Option<u64>,
+    pub candidates_token_count: Option<u64>,
+    pub cached_content_token_count: Option<u64>,
+    pub thoughts_token_count: Option<u64>,
+    pub tool_use_prompt_token_count: Option<u64>,
+}
+
+/// Converts a provider's usage to Gauge's non-overlapping kinds.
+pub fn from_raw(endpoint: Endpoint, raw: &RawUsage) -> Usage {
+    let cached = |d: &Option<Details>| d.as_ref().and_then(|d| d.cached_tokens).unwrap_or(0);
+    let reasoning = |d: &Option<Details>| d.as_ref().and_then(|d| d.reasoning_tokens).unwrap_or(0);
+    match endpoint {
+        // OpenAI's cached_tokens is a subset of prompt_tokens.
+        Endpoint::ChatCompletions | Endpoint::Embeddings => {
+            let prompt = raw.prompt_tokens.or(raw.input_tokens).unwrap_or(0);
+            let cache_read = cached(&raw.prompt_tokens_details).min(prompt);
+            Usage {
+                input: prompt - cache_read,
+                cache_read,
+                cache_write: 0,
+                output: raw.completion_tokens.or(raw.output_tokens).unwrap_or(0),
+                reasoning: reasoning(&raw.completion_tokens_details),
+            }
+        }
+        Endpoint::Responses => {
+            let input = raw.input_tokens.unwrap_or(0);
+            let cache_read = cached(&raw.input_tokens_details).min(input);
+            Usage {
+                input: input - cache_read,
+                cache_read,
+                cache_write: 0,
+                output: raw.output_tokens.unwrap_or(0),
+                reasoning: reasoning(&raw.output_tokens_details),
+            }
+        }
+        // Anthropic's cache counts come on top of input_tokens.
+        Endpoint::Messages | Endpoint::GenerateContent => Usage {
+            input: raw.input_tokens.unwrap_or(0),
+            cache_read: raw.cache_read_input_tokens.unwrap_or(0),
+            cache_write: raw.cache_creation_input_tokens.unwrap_or(0),
+            output: raw.output_tokens.unwrap_or(0),
+            reasoning: 0,
+        },
+    }
+}
+
+/// Gemini: cachedContentTokenCount is inside promptTokenCount; thoughtsTokenCount is
+/// billed as output and is not inside candidatesTokenCount.
+pub fn from_gemini(raw: &GeminiUsage) -> Usage {
+    let prompt = raw.prompt_token_count.unwrap_or(0) + raw.tool_use_prompt_token_count.unwrap_or(0);
+    let cache_read = raw.cached_content_token_count.unwrap_or(0).min(prompt);
+    let thoughts = raw.thoughts_token_count.unwrap_or(0);
+    Usage {
+        input: prompt - cache_read,
+        cache_read,
+        cache_write: 0,
+        output: raw.candidates_token_count.unwrap_or(0) + thoughts,
+        reasoning: thoughts,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn envelope(json: &str) -> Envelope {
+        serde_json::from_str(json).expect("json")
+    }
+
+    #[test]
+    fn openai_cached_tokens_are_taken_out_of_input() {
+        let e = envelope(
+            r#"{"model":"gpt-4o-2024-08-06","usage":{"prompt_tokens":2006,"completion_tokens":300,"total_tokens":2306,
+            "prompt_tokens_details":{"cached_tokens":1920,"audio_tokens":0},"completion_tokens_details":{"reasoning_tokens":64}}}"#,
+        );
+        let usage = from_raw(Endpoint::ChatCompletions, e.usage.as_ref().expect("usage"));
+        assert_eq!(usage, Usage { input: 86, cache_read: 1920, cache_write: 0, output: 300, reasoning: 64 });
+    }
+
+    #[test]
+    fn responses_api_usage_is_read_from_its_own_names() {
+        let e = envelope(
+            r#"{"type":"response.completed","response":{"model":"o4-mini","usage":{"input_tokens":100,"input_tokens_details":{"cached_tokens":40},
+            "output_tokens":50,"output_tokens_details":{"reasoning_tokens":30},"total_tokens":150}}}"#,
+        );
+        let inner = e.response.expect("response");
+        let usage = from_raw(Endpoint::Responses, inner.usage.as_ref().expect("usage"));
+        assert_eq!(usage, Usage { input: 60, cache_read: 40, cache_write: 0, output: 50, reasoning: 30 });
+    }
+
+    #[test]
+    fn anthropic_cache_counts_are_on_top_and_deltas_are_cumulative() {
+        let start = envelope(
+            r#"{"type":"message_start","message":{"model":"claude-sonnet-4-5","usage":{"input_tokens":12,
+            "cache_creation_input_tokens":1000,"cache_read_input_tokens":2000,"output_tokens":1}}}"#,
+        );
+        let mut raw = start.message.expect("message").usage.expect("usage");
+        raw.merge(&envelope(r#"{"type":"message_delta","usage":{"output_tokens":40}}"#).usage.expect("usage"));
+        raw.merge(&envelope(r#"{"type":"message_delta","usage":{"output_tokens":77}}"#).usage.expect("usage"));
+        assert_eq!(from_raw(Endpoint::Messages, &raw), Usage { input: 12, cache_read: 2000, cache_write: 1000, output: 77, reasoning: 0 });
+    }
+
+    #[test]
+    fn gemini_thoughts_are_output_and_cache_is_inside_prompt() {
+        let e = envelope(
+            r#"{"modelVersion":"gemini-2.5-flash","usageMetadata":{"promptTokenCount":1000,"cachedContentTokenCount":600,
+            "candidatesTokenCount":200,"thoughtsTokenCount":300,"totalTokenCount":1500}}"#,
+        );
+        let usage = from_gemini(e.usage_metadata.as_ref().expect("usage"));
+        assert_eq!(usage, Usage { input: 400, cache_read: 600, cache_write: 0, output: 500, reasoning: 300 });
+    }
+
+    #[test]
+    fn errors_have_a_label() {
+        let openai = envelope(r#"{"error":{"message":"slow down","type":"requests","code":"rate_limit_exceeded"}}"#);
+        assert_eq!(openai.error.expect("error").label().as_deref(), Some("requests"));
+        let anthropic = envelope(r#"{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}"#);
+        assert_eq!(anthropic.error.expect("error").label().as_deref(), Some("overloaded_error"));
+        let gemini = envelope(r#"{"error":{"code":429,"message":"quota","status":"RESOURCE_EXHAUSTED"}}"#);
+        assert_eq!(gemini.error.expect("error").label().as_deref(), Some("RESOURCE_EXHAUSTED"));
+    }
+}

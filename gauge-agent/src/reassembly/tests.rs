@@ -1,0 +1,187 @@
+//! Replays synthetic captures through reassembly and checks the calls that come out.
+
+use super::*;
+use crate::llm::{Endpoint, Provider, Usage};
+
+struct Capture {
+    events: Vec<CaptureEvent>,
+    t: u64,
+}
+
+impl Capture {
+    fn new() -> Self {
+        Self { events: Vec::new(), t: 1_000_000_000 }
+    }
+
+    /// One call's bytes, split into reads/writes of `piece` bytes.
+    fn data(&mut self, conn: u64, direction: Direction, bytes: &[u8], piece: usize) -> &mut Self {
+        for chunk in bytes.chunks(piece) {
+            self.t += 1_000_000;
+            self.events.push(CaptureEvent {
+                timestamp_ns: self.t,
+                tgid: 42,
+                tid: 42,
+                cgroup_id: 7,
+                comm: "python3".into(),
+                payload: Payload::Data { direction, connection: conn, call_len: chunk.len() as u32, offset: 0, bytes: chunk.to_vec() },
+            });
+        }
+        self
+    }
+
+    fn close(&mut self, conn: u64) -> &mut Self {
+        self.t += 1_000_000;
+        self.events.push(CaptureEvent {
+            timestamp_ns: self.t,
+            tgid: 42,
+            tid: 42,
+            cgroup_id: 7,
+            comm: "python3".into(),
+            payload: Payload::Close { connection: conn },
+        });
+        self
+    }
+
+    fn replay(&self, limits: Limits) -> (Vec<Metered>, Reassembler) {
+        let mut r = Reassembler::new(limits);
+        let mut out = Vec::new();
+        for e in &self.events {
+            r.feed(e, &mut out);
+        }
+        (out, r)
+    }
+}
+
+fn request(path: &str, host: &str, body: &str, extra: &str) -> Vec<u8> {
+    format!("POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n{extra}Content-Length: {}\r\n\r\n{body}", body.len())
+        .into_bytes()
+}
+
+fn json_response(status: u16, body: &str) -> Vec<u8> {
+    format!("HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nx-request-id: req_1\r\nContent-Length: {}\r\n\r\n{body}", body.len()).into_bytes()
+}
+
+fn sse_response(events: &[&str]) -> Vec<u8> {
+    let mut out = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream; charset=utf-8\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+    for e in events {
+        out.extend_from_slice(format!("{:x}\r\n{e}\r\n", e.len()).as_bytes());
+    }
+    out.extend_from_slice(b"0\r\n\r\n");
+    out
+}
+
+const CHAT_BODY: &str = r#"{"id":"c1","object":"chat.completion","model":"gpt-4o-mini-2024-07-18","choices":[],"usage":{"prompt_tokens":25,"completion_tokens":9,"total_tokens":34,"prompt_tokens_details":{"cached_tokens":0},"completion_tokens_details":{"reasoning_tokens":0}}}"#;
+
+#[test]
+fn openai_chat_on_a_keep_alive_connection_is_metered_exactly() {
+    let req = request("/v1/chat/completions", "api.openai.com", r#"{"model":"gpt-4o-mini","messages":[]}"#, "x-stainless-retry-count: 0\r\n");
+    let mut cap = Capture::new();
+    for piece in [7, 1000] {
+        cap.data(1, Direction::Write, &req, piece).data(1, Direction::Read, &json_response(200, CHAT_BODY), piece);
+    }
+    let (calls, r) = cap.replay(Limits::default());
+    assert_eq!(calls.len(), 2);
+    for m in &calls {
+        let c = &m.call;
+        assert_eq!((c.provider, c.endpoint, c.status), (Provider::OpenAi, Endpoint::ChatCompletions, Some(200)));
+        assert_eq!(c.request_model.as_deref(), Some("gpt-4o-mini"));
+        assert_eq!(c.model(), "gpt-4o-mini-2024-07-18");
+        assert_eq!(c.usage, Some(Usage { input: 25, cache_read: 0, cache_write: 0, output: 9, reasoning: 0 }));
+        assert_eq!((c.retry_count, c.request_id.as_deref(), c.stream, c.incomplete), (Some(0), Some("req_1"), false, false));
+        assert_eq!(m.origin.tgid, 42);
+    }
+    assert_eq!(calls[0].call.body_hash, calls[1].call.body_hash, "same body, however it was split");
+    assert_eq!(r.open_connections(), 1);
+}
+
+#[test]
+fn streamed_chat_usage_comes_from_the_final_chunk() {
+    let req = request(
+        "/v1/chat/completions",
+        "127.0.0.1:8443",
+        r#"{"model":"gpt-4o-mini","stream":true,"stream_options":{"include_usage":true},"messages":[]}"#,
+        "",
+    );
+    let resp = sse_response(&[
+        "data: {\"id\":\"c\",\"model\":\"gpt-4o-mini\",\"choices\":[{\"delta\":{\"content\":\"Hel\"}}],\"usage\":null}\n\n",
+        "data: {\"id\":\"c\",\"model\":\"gpt-4o-mini\",\"choices\":[{\"delta\":{\"content\":\"lo\"}}],\"usage\":null}\n\n",
+        "data: {\"id\":\"c\",\"model\":\"gpt-4o-mini\",\"choices\":[],\"usage\":{\"prompt_tokens\":11,\"completion_tokens\":2,\"prompt_tokens_details\":{\"cached_tokens\":8}}}\n\ndata: [DONE]\n\n",
+    ]);
+    for piece in [1, 3, 64, 4096] {
+        let mut cap = Capture::new();
+        cap.data(3, Direction::Write, &req, 4096).data(3, Direction::Read, &resp, piece);
+        let (calls, _) = cap.replay(Limits::default());
+        assert_eq!(calls.len(), 1, "piece {piece}");
+        let c = &calls[0].call;
+        assert_eq!(c.provider, Provider::OpenAiCompatible);
+        assert!(c.stream);
+        assert_eq!(c.usage, Some(Usage { input: 3, cache_read: 8, cache_write: 0, output: 2, reasoning: 0 }));
+        assert!(c.first_token_ns.is_some() && c.first_token_ns <= Some(c.end_ns));
+    }
+}
+
+#[test]
+fn anthropic_stream_cache_tokens_are_exact() {
+    let req = request("/v1/messages", "api.anthropic.com", r#"{"model":"claude-sonnet-4-5","stream":true,"max_tokens":100,"messages":[]}"#, "x-stainless-retry-count: 2\r\n");
+    let resp = sse_response(&[
+        "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"model\":\"claude-sonnet-4-5-20250929\",\"usage\":{\"input_tokens\":5,\"cache_creation_input_tokens\":100,\"cache_read_input_tokens\":200,\"output_tokens\":1}}}\n\n",
+        "event: ping\ndata: {\"type\":\"ping\"}\n\n",
+        "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"Hi\"}}\n\n",
+        "event: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"end_turn\"},\"usage\":{\"output_tokens\":33}}\n\n",
+        "event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n",
+    ]);
+    let mut cap = Capture::new();
+    cap.data(9, Direction::Write, &req, 50).data(9, Direction::Read, &resp, 17);
+    let (calls, _) = cap.replay(Limits::default());
+    let c = &calls[0].call;
+    assert_eq!((c.provider, c.model()), (Provider::Anthropic, "claude-sonnet-4-5-20250929"));
+    assert_eq!(c.usage, Some(Usage { input: 5, cache_read: 200, cache_write: 100, output: 33, reasoning: 0 }));
+    assert_eq!(c.retry_count, Some(2));
+}
+
+#[test]
+fn errors_and_cut_streams_are_reported_not_lost() {
+    let req = request("/v1/messages", "api.anthropic.com", r#"{"model":"claude-haiku-4-5","messages":[]}"#, "");
+    let err = json_response(429, r#"{"type":"error","error":{"type":"rate_limit_error","message":"slow"}}"#);
+    let mut cap = Capture::new();
+    cap.data(5, Direction::Write, &req, 4096).data(5, Direction::Read, &err, 4096);
+    // A second request whose streamed response is cut by the connection closing.
+    cap.data(5, Direction::Write, &req, 4096).data(5, Direction::Read, b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n10\r\ndata: {\"type\":\"", 4096).close(5);
+    let (calls, r) = cap.replay(Limits::default());
+    assert_eq!(calls.len(), 2);
+    assert_eq!((calls[0].call.status, calls[0].call.error_type.as_deref()), (Some(429), Some("rate_limit_error")));
+    assert!(calls[1].call.incomplete && calls[1].call.usage.is_none());
+    assert_eq!(r.open_connections(), 0, "close frees the connection");
+}
+
+#[test]
+fn http2_and_other_traffic_is_counted_and_ignored() {
+    let mut cap = Capture::new();
+    cap.data(1, Direction::Write, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", 4096);
+    cap.data(2, Direction::Write, b"GET /index.html HTTP/1.1\r\nHost: example.com\r\n\r\n", 4096)
+        .data(2, Direction::Read, b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", 4096);
+    let (calls, r) = cap.replay(Limits::default());
+    assert!(calls.is_empty());
+    assert_eq!(r.drops().not_http1, 1);
+}
+
+#[test]
+fn connections_are_bounded_by_count_and_idleness() {
+    let req = request("/v1/chat/completions", "api.openai.com", "{}", "");
+    let mut cap = Capture::new();
+    for conn in 0..10 {
+        cap.data(conn, Direction::Write, &req, 4096);
+    }
+    let (calls, r) = cap.replay(Limits { max_connections: 4, idle_timeout_ns: u64::MAX });
+    assert_eq!(r.open_connections(), 4);
+    assert_eq!(r.drops().evicted_capacity, 6);
+    assert_eq!(calls.len(), 6, "evicted calls end as incomplete, never vanish");
+    assert!(calls.iter().all(|m| m.call.incomplete && m.call.status.is_none()));
+
+    let mut cap = Capture::new();
+    cap.data(1, Direction::Write, &req, 4096);
+    cap.t += 301 * 1_000_000_000;
+    cap.data(2, Direction::Write, &req, 4096);
+    let (calls, r) = cap.replay(Limits::default());
+    assert_eq!((r.drops().evicted_idle, calls.len(), r.open_connections()), (1, 1, 1));
+}
