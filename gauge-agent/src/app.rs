@@ -15,6 +15,7 @@ use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
     config::Config,
+    pipeline::Pipeline,
     export::{
         metrics::CaptureCollector,
         server::{self, ServerState},
@@ -28,6 +29,7 @@ pub async fn run(config: Config, listen: Option<SocketAddr>) -> anyhow::Result<(
     let capture = CaptureState::new();
     let mut registry = Registry::default();
     CaptureCollector::register(&mut registry, capture.clone());
+    let mut pipeline = Pipeline::new(config.reassembly_limits(), &mut registry);
     let state = ServerState::new(registry, &capture);
     let serve = server::bind(listen.unwrap_or(config.server.listen), state.clone()).await?;
     let mut serve = tokio::spawn(serve);
@@ -42,9 +44,15 @@ pub async fn run(config: Config, listen: Option<SocketAddr>) -> anyhow::Result<(
     loop {
         tokio::select! {
             event = events.recv() => match event {
-                // The end of the pipeline for now: capture metrics are counted as
-                // events are drained. Reassembly and LLM metering plug in here.
-                Some(_event) => {}
+                Some(event) => {
+                    for m in pipeline.feed(&event) {
+                        let c = &m.call;
+                        tracing::debug!(
+                            pid = m.origin.tgid, provider = c.provider.label(), model = c.model(), status = ?c.status,
+                            usage = ?c.usage, incomplete = c.incomplete, "LLM call"
+                        );
+                    }
+                }
                 None => bail!("the capture stopped unexpectedly"),
             },
             _ = interrupt.recv() => break,

@@ -5,7 +5,10 @@ use std::{net::SocketAddr, path::{Path, PathBuf}};
 
 use serde::Deserialize;
 
-use crate::source::{kernel::LoadOptions, runtime::CaptureOptions};
+use crate::{
+    reassembly::Limits,
+    source::{kernel::LoadOptions, runtime::CaptureOptions},
+};
 
 /// The configuration used when no `--config` is given.
 pub const DEFAULT_TOML: &str = include_str!("../default.toml");
@@ -17,6 +20,21 @@ pub struct Config {
     pub server: Server,
     #[serde(default)]
     pub capture: Capture,
+    #[serde(default)]
+    pub http: Http,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Http {
+    pub max_connections: usize,
+    pub idle_timeout_secs: u64,
+}
+
+impl Default for Http {
+    fn default() -> Self {
+        Self { max_connections: 16384, idle_timeout_secs: 300 }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -87,10 +105,20 @@ impl Config {
         if c.max_call_bytes == 0 || c.max_call_bytes > gauge_common::tls::MAX_CALL_BYTES {
             return Err(invalid("capture.max_call_bytes", c.max_call_bytes.to_string(), "must be between 1 and 4194304"));
         }
+        if self.http.max_connections == 0 {
+            return Err(invalid("http.max_connections", "0".into(), "must be at least 1"));
+        }
         if c.queue_events == 0 {
             return Err(invalid("capture.queue_events", "0".into(), "must be at least 1"));
         }
         Ok(())
+    }
+
+    pub fn reassembly_limits(&self) -> Limits {
+        Limits {
+            max_connections: self.http.max_connections,
+            idle_timeout_ns: self.http.idle_timeout_secs.saturating_mul(1_000_000_000),
+        }
     }
 
     pub fn capture_options(&self) -> CaptureOptions {

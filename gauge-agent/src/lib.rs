@@ -12,4 +12,6 @@ pub mod source;
 pub mod telemetry;
 pub mod http;
 pub mod llm;
+pub mod metering;
+pub mod pipeline;
 pub mod reassembly;

@@ -12,6 +12,16 @@ use std::{
 
 use rustls::{ServerConfig, ServerConnection, StreamOwned, pki_types::PrivateKeyDer};
 
+/// Writes a self-signed certificate for 127.0.0.1/localhost and its key as PEM files
+/// in `dir`; returns (cert, key). Clients trust the certificate itself.
+pub fn write_certificate(dir: &std::path::Path) -> (PathBuf, PathBuf) {
+    let certified = rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()]).expect("cert");
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    std::fs::write(&cert, certified.cert.pem()).expect("write cert");
+    std::fs::write(&key, certified.signing_key.serialize_pem()).expect("write key");
+    (cert, key)
+}
+
 /// One connection as the server saw it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Exchange {

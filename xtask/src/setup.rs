@@ -47,14 +47,27 @@ pub fn run() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Official SDKs the end-to-end tests drive, from PyPI, pinned.
+const PYTHON_PACKAGES: [&str; 2] = ["openai==3.57.0", "anthropic==2.14.0"];
+
 /// Clients the kernel tests run against the capture.
 pub fn test_dependencies() -> anyhow::Result<()> {
     let missing = missing_packages(&TEST_PACKAGES);
-    if missing.is_empty() {
-        return Ok(());
+    if !missing.is_empty() {
+        check_host()?;
+        apt_install(&missing)?;
     }
-    check_host()?;
-    apt_install(&missing)
+    let sdks_present = Command::new("python3")
+        .args(["-c", "import openai, anthropic, sys; sys.exit(0 if (openai.__version__, anthropic.__version__) == ('3.57.0', '2.14.0') else 1)"])
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !sdks_present {
+        eprintln!("==> setup: installing the Python SDKs the tests drive: {}", PYTHON_PACKAGES.join(" "));
+        run_cmd(Command::new("python3").args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check"]).args(PYTHON_PACKAGES))
+            .context("pip install of the test SDKs failed: the end-to-end tests need python3 with pip")?;
+    }
+    Ok(())
 }
 
 fn check_host() -> anyhow::Result<()> {

@@ -13,6 +13,8 @@ use crate::{
     source::{CaptureEvent, Direction, Payload},
 };
 
+const METHODS: [&[u8]; 7] = [b"GET", b"POST", b"PUT", b"DELETE", b"PATCH", b"HEAD", b"OPTIONS"];
+
 /// Limits of the reassembly stage.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
@@ -32,6 +34,9 @@ impl Default for Limits {
 pub struct Drops {
     /// Connections whose bytes are not HTTP/1 (HTTP/2 and others, for now).
     pub not_http1: u64,
+    /// Connections where the process is the server (it reads requests): not metered
+    /// here, the client side is.
+    pub server_side: u64,
     /// Connections evicted for room or idleness.
     pub evicted_capacity: u64,
     pub evicted_idle: u64,
@@ -74,6 +79,8 @@ struct Connection {
     read_left: u64,
     /// Bytes were lost on this connection: its calls are marked incomplete.
     gap: bool,
+    /// Not HTTP/1 from the client side: the rest of its bytes are skipped.
+    ignored: bool,
 }
 
 impl Connection {
@@ -88,6 +95,7 @@ impl Connection {
             write_left: 0,
             read_left: 0,
             gap: false,
+            ignored: false,
         }
     }
 
@@ -224,9 +232,21 @@ impl Reassembler {
                     Direction::Write => (&mut conn.requests, Side::Request),
                     Direction::Read => (&mut conn.responses, Side::Response),
                 };
-                let was_failed = decoder.failed();
-                if decoder.feed(bytes, &mut events).is_err() && !was_failed && side == Side::Request {
-                    self.drops.not_http1 += 1;
+                if conn.ignored {
+                    return;
+                }
+                if decoder.feed(bytes, &mut events).is_err() {
+                    conn.ignored = true;
+                    let serving = match side {
+                        Side::Request => bytes.starts_with(b"HTTP/"),
+                        Side::Response => bytes.split(|&b| b == b' ').next().is_some_and(|m| METHODS.contains(&m)),
+                    };
+                    if serving {
+                        self.drops.server_side += 1;
+                    } else {
+                        self.drops.not_http1 += 1;
+                    }
+                    return;
                 }
                 match side {
                     Side::Request => conn.request_events(events, now),

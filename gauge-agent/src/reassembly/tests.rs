@@ -160,9 +160,12 @@ fn http2_and_other_traffic_is_counted_and_ignored() {
     cap.data(1, Direction::Write, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", 4096);
     cap.data(2, Direction::Write, b"GET /index.html HTTP/1.1\r\nHost: example.com\r\n\r\n", 4096)
         .data(2, Direction::Read, b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", 4096);
+    // A local TLS server: it reads requests and writes responses.
+    cap.data(3, Direction::Read, &request("/v1/chat/completions", "127.0.0.1", "{}", ""), 4096)
+        .data(3, Direction::Write, &json_response(200, CHAT_BODY), 4096);
     let (calls, r) = cap.replay(Limits::default());
     assert!(calls.is_empty());
-    assert_eq!(r.drops().not_http1, 1);
+    assert_eq!((r.drops().not_http1, r.drops().server_side), (1, 1));
 }
 
 #[test]
