@@ -1,6 +1,7 @@
 //! HTTP stage: turns one direction of a connection's plaintext into messages.
 //! `h1` for HTTP/1.1, `sse` for `text/event-stream` bodies.
 
+pub mod encoding;
 pub mod h1;
 pub mod sse;
 

@@ -10,7 +10,7 @@ use super::{
     Endpoint, Provider, Recognized,
     usage::{self, Envelope, GeminiUsage, RawUsage, Usage},
 };
-use crate::http::{RequestHead, ResponseHead, sse};
+use crate::http::{RequestHead, ResponseHead, encoding::ContentDecoder, sse};
 
 /// Request bytes kept to read the model and stream flags from.
 pub const MAX_REQUEST_BODY: usize = 8 << 20;
@@ -80,6 +80,9 @@ pub struct CallTracker {
     first_byte_ns: Option<u64>,
     first_token_ns: Option<u64>,
     sse: Option<sse::Decoder>,
+    encoding: Option<ContentDecoder>,
+    /// The body could not be decoded (unknown or corrupt content encoding).
+    undecodable: bool,
     body: Vec<u8>,
     body_cut: bool,
     reported: Reported,
@@ -103,6 +106,8 @@ impl CallTracker {
             first_byte_ns: None,
             first_token_ns: None,
             sse: None,
+            encoding: None,
+            undecodable: false,
             body: Vec::new(),
             body_cut: false,
             reported: Reported::None,
@@ -135,14 +140,26 @@ impl CallTracker {
         if event_stream {
             self.sse = Some(sse::Decoder::default());
         }
+        match ContentDecoder::for_encoding(head.headers.get("content-encoding")) {
+            Ok(decoder) => self.encoding = (!decoder.is_identity()).then_some(decoder),
+            Err(_) => self.undecodable = true,
+        }
         self.response = Some(head);
     }
 
     pub fn response_body(&mut self, bytes: &[u8], at_ns: u64) {
-        if bytes.is_empty() {
+        if bytes.is_empty() || self.undecodable {
             return;
         }
         self.first_byte_ns.get_or_insert(at_ns);
+        match self.encoding.as_mut().map(|d| d.decode(bytes)) {
+            None => self.decoded_body(bytes, at_ns),
+            Some(Ok(decoded)) => self.decoded_body(&decoded, at_ns),
+            Some(Err(_)) => self.undecodable = true,
+        }
+    }
+
+    fn decoded_body(&mut self, bytes: &[u8], at_ns: u64) {
         if let Some(decoder) = &mut self.sse {
             let mut events = Vec::new();
             decoder.feed(bytes, &mut events);
@@ -199,6 +216,13 @@ impl CallTracker {
 
     /// The exchange is over; `complete` is false when it was cut short.
     pub fn finish(mut self, end_ns: u64, complete: bool) -> LlmCall {
+        if let Some(mut decoder) = self.encoding.take() {
+            match decoder.finish() {
+                Ok(rest) if !self.undecodable => self.decoded_body(&rest, end_ns),
+                Ok(_) => {}
+                Err(_) => self.undecodable = true,
+            }
+        }
         let event_stream = self.sse.is_some();
         if let Some(mut decoder) = self.sse.take() {
             let mut events = Vec::new();
@@ -245,7 +269,7 @@ impl CallTracker {
             usage,
             retry_count: self.retry_count,
             body_hash: self.hasher.finish(),
-            incomplete: !complete || self.body_cut || self.request_body_cut,
+            incomplete: !complete || self.body_cut || self.request_body_cut || self.undecodable,
         }
     }
 }

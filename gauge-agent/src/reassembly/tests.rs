@@ -188,3 +188,29 @@ fn connections_are_bounded_by_count_and_idleness() {
     let (calls, r) = cap.replay(Limits::default());
     assert_eq!((r.drops().evicted_idle, calls.len(), r.open_connections()), (1, 1, 1));
 }
+
+#[test]
+fn gzip_and_brotli_responses_are_decoded_before_reading_usage() {
+    use std::io::Write as _;
+    let req = request("/v1/chat/completions", "api.openai.com", r#"{"model":"gpt-4o-mini"}"#, "");
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    gz.write_all(CHAT_BODY.as_bytes()).expect("gzip");
+    let gz = gz.finish().expect("gzip");
+    let mut br = Vec::new();
+    {
+        let mut e = brotli::CompressorWriter::new(&mut br, 4096, 5, 22);
+        e.write_all(CHAT_BODY.as_bytes()).expect("br");
+    }
+    let mut cap = Capture::new();
+    for (encoding, body) in [("gzip", gz), ("br", br)] {
+        let mut resp = format!("HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Encoding: {encoding}\r\nContent-Length: {}\r\n\r\n", body.len()).into_bytes();
+        resp.extend_from_slice(&body);
+        cap.data(4, Direction::Write, &req, 4096).data(4, Direction::Read, &resp, 5);
+    }
+    let (calls, _) = cap.replay(Limits::default());
+    assert_eq!(calls.len(), 2);
+    for m in calls {
+        assert_eq!(m.call.usage, Some(Usage { input: 25, cache_read: 0, cache_write: 0, output: 9, reasoning: 0 }));
+        assert!(!m.call.incomplete);
+    }
+}
