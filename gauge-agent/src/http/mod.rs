@@ -3,6 +3,7 @@
 
 pub mod encoding;
 pub mod h1;
+pub mod h2;
 pub mod sse;
 
 /// Header fields with lower-case names, in order.

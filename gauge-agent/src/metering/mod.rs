@@ -158,6 +158,7 @@ pub struct ReasonLabels {
 /// What reassembly dropped, exported as counters from its running totals.
 pub struct ReassemblyMetrics {
     dropped: Family<ReasonLabels, Counter>,
+    hpack_desyncs: Counter,
     open: Gauge,
     last: Drops,
 }
@@ -172,7 +173,13 @@ impl ReassemblyMetrics {
             dropped.clone(),
         );
         registry.register("gauge_http_open_connections", "Connections with reassembly state.", open.clone());
-        Self { dropped, open, last: Drops::default() }
+        let hpack_desyncs = Counter::default();
+        registry.register(
+            "gauge_http2_hpack_desyncs",
+            "HTTP/2 header blocks not decoded because the HPACK table is unknown (attached mid-connection) or corrupt; their streams' bodies are still read.",
+            hpack_desyncs.clone(),
+        );
+        Self { dropped, hpack_desyncs, open, last: Drops::default() }
     }
 
     pub fn update(&mut self, drops: Drops, open: usize) {
@@ -183,10 +190,14 @@ impl ReassemblyMetrics {
             ("evicted_capacity", drops.evicted_capacity, last.evicted_capacity),
             ("evicted_idle", drops.evicted_idle, last.evicted_idle),
             ("gap", drops.gaps, last.gaps),
+            ("streams_over_limit", drops.streams_over_limit, last.streams_over_limit),
         ] {
             if now > before {
                 self.dropped.get_or_create(&ReasonLabels { reason }).inc_by(now - before);
             }
+        }
+        if drops.hpack_desyncs > last.hpack_desyncs {
+            self.hpack_desyncs.inc_by(drops.hpack_desyncs - last.hpack_desyncs);
         }
         self.open.set(open as i64);
     }

@@ -5,6 +5,8 @@
 //! number of connections (least recently active evicted first), an idle timeout, and
 //! the caps of the HTTP and LLM stages; everything dropped is counted in [`Drops`].
 
+mod h2;
+
 use std::collections::{HashMap, VecDeque};
 
 use crate::{
@@ -13,7 +15,27 @@ use crate::{
     source::{CaptureEvent, Direction, Payload},
 };
 
-const METHODS: [&[u8]; 7] = [b"GET", b"POST", b"PUT", b"DELETE", b"PATCH", b"HEAD", b"OPTIONS"];
+const METHODS: [&[u8]; 8] = [b"GET", b"POST", b"PUT", b"DELETE", b"PATCH", b"HEAD", b"OPTIONS", b"PRI"];
+
+enum Detected {
+    Http2 { in_sync: bool },
+    Other,
+}
+
+/// What a connection speaks, from the first bytes its client wrote: the HTTP/2
+/// preface, or (attached mid-connection) something shaped like an HTTP/2 frame
+/// header where an HTTP/1 request line would be.
+fn detect(first: &[u8]) -> Detected {
+    let n = first.len().min(crate::http::h2::PREFACE.len());
+    if n > 0 && first[..n] == crate::http::h2::PREFACE[..n] {
+        return Detected::Http2 { in_sync: true };
+    }
+    let frame_like = first.len() >= 9
+        && first[3] <= 9
+        && first[5] & 0x80 == 0
+        && !first[..4].iter().all(|b| b.is_ascii_uppercase());
+    if frame_like { Detected::Http2 { in_sync: false } } else { Detected::Other }
+}
 
 /// Limits of the reassembly stage.
 #[derive(Debug, Clone, Copy)]
@@ -37,6 +59,10 @@ pub struct Drops {
     /// Connections where the process is the server (it reads requests): not metered
     /// here, the client side is.
     pub server_side: u64,
+    /// HTTP/2 header blocks that could not be decoded (table unknown or corrupt).
+    pub hpack_desyncs: u64,
+    /// HTTP/2 streams beyond the per-connection limit.
+    pub streams_over_limit: u64,
     /// Connections evicted for room or idleness.
     pub evicted_capacity: u64,
     pub evicted_idle: u64,
@@ -79,8 +105,16 @@ struct Connection {
     read_left: u64,
     /// Bytes were lost on this connection: its calls are marked incomplete.
     gap: bool,
-    /// Not HTTP/1 from the client side: the rest of its bytes are skipped.
+    /// Not HTTP from the client side: the rest of its bytes are skipped.
     ignored: bool,
+    /// Which protocol, decided by the first bytes the process writes.
+    protocol: Protocol,
+}
+
+enum Protocol {
+    Unknown,
+    Http1,
+    Http2(Box<h2::H2Connection>),
 }
 
 impl Connection {
@@ -96,6 +130,7 @@ impl Connection {
             read_left: 0,
             gap: false,
             ignored: false,
+            protocol: Protocol::Unknown,
         }
     }
 
@@ -166,6 +201,10 @@ impl Connection {
 
     /// Ends every open call (connection closed or evicted).
     fn close(mut self, at: u64, out: &mut Vec<Metered>) {
+        if let Protocol::Http2(h2) = std::mem::replace(&mut self.protocol, Protocol::Unknown) {
+            h2.close(at, &self.origin, out);
+            return;
+        }
         let mut tail = Vec::new();
         self.responses.close(&mut tail);
         self.response_events(tail, at, out);
@@ -233,6 +272,23 @@ impl Reassembler {
                     Direction::Read => (&mut conn.responses, Side::Response),
                 };
                 if conn.ignored {
+                    return;
+                }
+                if matches!(conn.protocol, Protocol::Unknown) {
+                    conn.protocol = match (side, detect(bytes)) {
+                        (Side::Request, Detected::Http2 { in_sync }) => Protocol::Http2(Box::new(h2::H2Connection::new(in_sync))),
+                        _ => Protocol::Http1,
+                    };
+                }
+                if let Protocol::Http2(h2) = &mut conn.protocol {
+                    let ok = match side {
+                        Side::Request => h2.write(bytes, now, &conn.origin, &mut self.drops, out),
+                        Side::Response => h2.read(bytes, now, &conn.origin, &mut self.drops, out),
+                    };
+                    if !ok {
+                        conn.ignored = true;
+                        self.drops.not_http1 += 1;
+                    }
                     return;
                 }
                 if decoder.feed(bytes, &mut events).is_err() {

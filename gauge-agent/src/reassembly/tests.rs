@@ -155,9 +155,9 @@ fn errors_and_cut_streams_are_reported_not_lost() {
 }
 
 #[test]
-fn http2_and_other_traffic_is_counted_and_ignored() {
+fn other_protocols_and_server_sides_are_counted_and_ignored() {
     let mut cap = Capture::new();
-    cap.data(1, Direction::Write, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", 4096);
+    cap.data(1, Direction::Write, b"\x00\x01binary protocol\r\n\r\n", 4096);
     cap.data(2, Direction::Write, b"GET /index.html HTTP/1.1\r\nHost: example.com\r\n\r\n", 4096)
         .data(2, Direction::Read, b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", 4096);
     // A local TLS server: it reads requests and writes responses.
@@ -212,5 +212,74 @@ fn gzip_and_brotli_responses_are_decoded_before_reading_usage() {
     for m in calls {
         assert_eq!(m.call.usage, Some(Usage { input: 25, cache_read: 0, cache_write: 0, output: 9, reasoning: 0 }));
         assert!(!m.call.incomplete);
+    }
+}
+
+mod http2 {
+    use super::*;
+    use crate::http::h2::PREFACE;
+
+    fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+        let len = payload.len();
+        let mut f = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
+        f.extend_from_slice(&stream.to_be_bytes());
+        f.extend_from_slice(payload);
+        f
+    }
+
+    fn headers(enc: &mut loona_hpack::Encoder<'_>, fields: &[(&str, &str)]) -> Vec<u8> {
+        enc.encode(fields.iter().map(|(n, v)| (n.as_bytes(), v.as_bytes())))
+    }
+
+    #[test]
+    fn concurrent_streams_on_one_connection_are_metered_separately() {
+        let (mut client, mut server) = (loona_hpack::Encoder::new(), loona_hpack::Encoder::new());
+        let mut writes = PREFACE.to_vec();
+        writes.extend(frame(4, 0, 0, &[]));
+        let mut reads = frame(4, 0, 0, &[]);
+        for stream in [1u32, 3] {
+            let h = headers(&mut client, &[(":method", "POST"), (":scheme", "https"), (":path", "/v1/chat/completions"), (":authority", "api.openai.com"), ("content-type", "application/json")]);
+            writes.extend(frame(1, 0x4, stream, &h));
+        }
+        for stream in [1u32, 3] {
+            writes.extend(frame(0, 0x1, stream, br#"{"model":"gpt-4o-mini","stream":true}"#));
+        }
+        // Responses interleave: stream 3's events arrive between stream 1's.
+        for stream in [1u32, 3] {
+            let h = headers(&mut server, &[(":status", "200"), ("content-type", "text/event-stream")]);
+            reads.extend(frame(1, 0x4, stream, &h));
+        }
+        reads.extend(frame(0, 0, 1, b"data: {\"model\":\"gpt-4o-mini\",\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\n\n"));
+        reads.extend(frame(0, 0, 3, b"data: {\"model\":\"gpt-4o-mini\",\"choices\":[],\"usage\":{\"prompt_tokens\":30,\"completion_tokens\":3}}\n\n"));
+        reads.extend(frame(0, 0x1, 3, b"data: [DONE]\n\n"));
+        reads.extend(frame(0, 0, 1, b"data: {\"model\":\"gpt-4o-mini\",\"choices\":[],\"usage\":{\"prompt_tokens\":10,\"completion_tokens\":1}}\n\n"));
+        reads.extend(frame(0, 0x1, 1, b"data: [DONE]\n\n"));
+        for piece in [3, 4096] {
+            let mut cap = Capture::new();
+            cap.data(8, Direction::Write, &writes, piece).data(8, Direction::Read, &reads, piece);
+            let (calls, r) = cap.replay(Limits::default());
+            assert_eq!(calls.len(), 2, "piece {piece}");
+            let inputs: Vec<u64> = calls.iter().map(|m| m.call.usage.expect("usage").input).collect();
+            assert_eq!(inputs, vec![30, 10], "stream 3 ends first");
+            assert!(calls.iter().all(|m| m.call.provider == Provider::OpenAi && m.call.stream && !m.call.incomplete));
+            assert_eq!(r.drops().hpack_desyncs, 0);
+        }
+    }
+
+    #[test]
+    fn a_reset_stream_ends_its_call_as_incomplete_and_a_late_attach_counts_desyncs() {
+        let mut client = loona_hpack::Encoder::new();
+        let mut writes = PREFACE.to_vec();
+        let h = headers(&mut client, &[(":method", "POST"), (":path", "/v1/messages"), (":authority", "api.anthropic.com")]);
+        writes.extend(frame(1, 0x4 | 0x1, 1, &h));
+        let mut cap = Capture::new();
+        cap.data(2, Direction::Write, &writes, 4096).data(2, Direction::Read, &frame(3, 0, 1, &[0, 0, 0, 8]), 4096);
+        // Another connection seen only from its middle: frames, no preface.
+        let later = headers(&mut client, &[(":method", "POST"), (":path", "/v1/messages"), (":authority", "api.anthropic.com")]);
+        cap.data(6, Direction::Write, &frame(1, 0x4, 7, &later), 4096);
+        let (calls, r) = cap.replay(Limits::default());
+        assert_eq!(calls.len(), 1);
+        assert!(calls[0].call.incomplete && calls[0].call.status.is_none());
+        assert_eq!(r.drops().hpack_desyncs, 1);
     }
 }

@@ -1,0 +1,127 @@
+//! HTTP/2 connections: one exchange per stream, many at once.
+
+use std::collections::HashMap;
+
+use super::{Drops, Metered, Origin, Pending};
+use crate::{
+    http::{Headers, RequestHead, ResponseHead, h2},
+    llm::{CallTracker, providers},
+};
+
+/// Streams tracked per connection; more are counted and their calls dropped.
+const MAX_STREAMS: usize = 1024;
+
+pub(super) struct H2Connection {
+    client: h2::Decoder,
+    server: h2::Decoder,
+    streams: HashMap<u32, Pending>,
+}
+
+impl H2Connection {
+    pub(super) fn new(in_sync: bool) -> Self {
+        Self { client: h2::Decoder::new(true, in_sync), server: h2::Decoder::new(false, in_sync), streams: HashMap::new() }
+    }
+
+    /// Bytes the process wrote (requests). Returns false once the bytes are not HTTP/2.
+    pub(super) fn write(&mut self, bytes: &[u8], at: u64, origin: &Origin, drops: &mut Drops, out: &mut Vec<Metered>) -> bool {
+        let mut events = Vec::new();
+        let ok = self.client.feed(bytes, &mut events).is_ok();
+        for event in events {
+            match event {
+                h2::Event::Headers { stream, headers, end_stream } => {
+                    let head = request_head(headers);
+                    let pending = match providers::recognize(&head) {
+                        Some(recognized) => Pending::Llm(Box::new(CallTracker::new(recognized, &head, at))),
+                        None => Pending::Other,
+                    };
+                    if self.streams.len() >= MAX_STREAMS && !self.streams.contains_key(&stream) {
+                        drops.streams_over_limit += 1;
+                        continue;
+                    }
+                    self.streams.insert(stream, pending);
+                    if end_stream {
+                        self.request_end(stream);
+                    }
+                }
+                h2::Event::Data { stream, bytes, end_stream } => {
+                    if let Some(Pending::Llm(call)) = self.streams.get_mut(&stream) {
+                        call.request_body(&bytes);
+                    }
+                    if end_stream {
+                        self.request_end(stream);
+                    }
+                }
+                h2::Event::Reset { stream } => self.end_stream(stream, at, false, origin, out),
+                h2::Event::HpackDesync { .. } => drops.hpack_desyncs += 1,
+                h2::Event::GoAway => {}
+            }
+        }
+        ok
+    }
+
+    /// Bytes the process read (responses).
+    pub(super) fn read(&mut self, bytes: &[u8], at: u64, origin: &Origin, drops: &mut Drops, out: &mut Vec<Metered>) -> bool {
+        let mut events = Vec::new();
+        let ok = self.server.feed(bytes, &mut events).is_ok();
+        for event in events {
+            match event {
+                h2::Event::Headers { stream, headers, end_stream } => {
+                    let status = headers.get(":status").and_then(|s| s.parse::<u16>().ok()).unwrap_or(0);
+                    if (100..200).contains(&status) {
+                        continue; // interim
+                    }
+                    if let Some(Pending::Llm(call)) = self.streams.get_mut(&stream) {
+                        // Trailers (a second block) carry no status and are ignored.
+                        if status != 0 {
+                            call.response_head(ResponseHead { status, headers });
+                        }
+                    }
+                    if end_stream {
+                        self.end_stream(stream, at, true, origin, out);
+                    }
+                }
+                h2::Event::Data { stream, bytes, end_stream } => {
+                    if let Some(Pending::Llm(call)) = self.streams.get_mut(&stream) {
+                        call.response_body(&bytes, at);
+                    }
+                    if end_stream {
+                        self.end_stream(stream, at, true, origin, out);
+                    }
+                }
+                h2::Event::Reset { stream } => self.end_stream(stream, at, false, origin, out),
+                h2::Event::HpackDesync { .. } => drops.hpack_desyncs += 1,
+                h2::Event::GoAway => {}
+            }
+        }
+        ok
+    }
+
+    fn request_end(&mut self, stream: u32) {
+        if let Some(Pending::Llm(call)) = self.streams.get_mut(&stream) {
+            call.request_end();
+        }
+    }
+
+    fn end_stream(&mut self, stream: u32, at: u64, complete: bool, origin: &Origin, out: &mut Vec<Metered>) {
+        if let Some(Pending::Llm(call)) = self.streams.remove(&stream) {
+            out.push(Metered { origin: origin.clone(), call: call.finish(at, complete) });
+        }
+    }
+
+    /// Ends every open stream (connection closed or evicted).
+    pub(super) fn close(self, at: u64, origin: &Origin, out: &mut Vec<Metered>) {
+        for (_, pending) in self.streams {
+            if let Pending::Llm(call) = pending {
+                out.push(Metered { origin: origin.clone(), call: call.finish(at, false) });
+            }
+        }
+    }
+}
+
+/// An HTTP/2 request as a request head: pseudo-headers become method and path;
+/// `:authority` stays among the headers, where the provider table looks for a host.
+fn request_head(headers: Headers) -> RequestHead {
+    let method = headers.get(":method").unwrap_or_default().to_owned();
+    let path = headers.get(":path").unwrap_or_default().to_owned();
+    RequestHead { method, path, headers }
+}
