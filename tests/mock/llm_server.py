@@ -1,128 +1,151 @@
 """A local HTTPS mock of the OpenAI and Anthropic APIs for end-to-end tests.
 
-Serves HTTP/1.1 over TLS with fixed, known usage so a test can compare Gauge's
-metrics with what was served. Streams use chunked server-sent events.
+Served by hypercorn: HTTP/1.1 and HTTP/2 (chosen by ALPN), with fixed, known usage so
+a test can compare Gauge's metrics with what was served. Streams are server-sent
+events. JSON responses are gzip-compressed when the client accepts gzip.
 
-Usage: llm_server.py CERT KEY PORT_FILE
+Usage: llm_server.py CERT KEY PORT_FILE (the server binds a free port itself, so
+concurrent tests cannot race for one, and writes it to PORT_FILE once listening)
 Models with special behaviour:
   "fail-once-*": the first request with a given body gets 429 (retry-after-ms: 10).
 """
+import asyncio
+import gzip
 import json
-import ssl
 import sys
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 CHAT_USAGE = {"prompt_tokens": 21, "completion_tokens": 7, "total_tokens": 28,
               "prompt_tokens_details": {"cached_tokens": 5, "audio_tokens": 0},
               "completion_tokens_details": {"reasoning_tokens": 2, "audio_tokens": 0}}
-CHAT_MODEL = "gpt-4o-mini-2024-07-18"
+# Responses name the model asked for plus a dated suffix, so that concurrent tests
+# can tell their calls apart by the model label.
+CHAT_SUFFIX = "-2024-07-18"
 MESSAGES_USAGE = {"input_tokens": 9, "cache_creation_input_tokens": 3,
                   "cache_read_input_tokens": 4, "output_tokens": 11}
-MESSAGES_MODEL = "claude-sonnet-4-5-20250929"
+MESSAGES_SUFFIX = "-20250929"
 
 seen_bodies = set()
-lock = threading.Lock()
 
 
-class Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
+async def read_body(receive):
+    body = b""
+    while True:
+        message = await receive()
+        body += message.get("body", b"")
+        if not message.get("more_body"):
+            return body
 
-    def log_message(self, *args):
-        pass
 
-    def send_json(self, status, payload, headers=()):
-        body = json.dumps(payload).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("x-request-id", "req_mock")
-        for k, v in headers:
-            self.send_header(k, v)
-        self.end_headers()
-        self.wfile.write(body)
+async def send_json(send, status, payload, accept_gzip, headers=()):
+    body = json.dumps(payload).encode()
+    extra = [(b"x-request-id", b"req_mock")] + [(k.encode(), v.encode()) for k, v in headers]
+    if accept_gzip:
+        body = gzip.compress(body)
+        extra.append((b"content-encoding", b"gzip"))
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())] + extra})
+    await send({"type": "http.response.body", "body": body})
 
-    def send_sse(self, events):
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream; charset=utf-8")
-        self.send_header("Transfer-Encoding", "chunked")
-        self.end_headers()
-        for event in events:
-            data = event.encode()
-            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
-            self.wfile.flush()
-        self.wfile.write(b"0\r\n\r\n")
 
-    def do_POST(self):
-        length = int(self.headers.get("Content-Length", "0"))
-        raw = self.rfile.read(length)
-        request = json.loads(raw or b"{}")
-        model = request.get("model", "")
-        if model.startswith("fail-once"):
-            with lock:
-                first = raw not in seen_bodies
-                seen_bodies.add(raw)
-            if first:
-                self.send_json(429, {"error": {"message": "slow down", "type": "requests", "code": "rate_limit_exceeded"}},
-                               headers=[("retry-after-ms", "10")])
-                return
-        if self.path.endswith("/chat/completions"):
-            self.chat(request)
-        elif self.path.endswith("/v1/messages"):
-            self.messages(request)
-        else:
-            self.send_json(404, {"error": {"type": "not_found"}})
+async def send_sse(send, events):
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-type", b"text/event-stream; charset=utf-8")]})
+    for event in events:
+        await send({"type": "http.response.body", "body": event.encode(), "more_body": True})
+        await asyncio.sleep(0.001)
+    await send({"type": "http.response.body", "body": b""})
 
-    def chat(self, request):
-        if not request.get("stream"):
-            self.send_json(200, {"id": "chatcmpl-1", "object": "chat.completion", "created": 0, "model": CHAT_MODEL,
-                                 "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hello!"},
-                                              "finish_reason": "stop"}],
-                                 "usage": CHAT_USAGE})
-            return
-        include_usage = (request.get("stream_options") or {}).get("include_usage")
-        base = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 0, "model": CHAT_MODEL}
-        events = []
-        for word in ["Hel", "lo", "!"]:
-            chunk = dict(base, choices=[{"index": 0, "delta": {"content": word}, "finish_reason": None}])
-            if include_usage:
-                chunk["usage"] = None
-            events.append("data: %s\n\n" % json.dumps(chunk))
+
+def chat_events(request):
+    include_usage = (request.get("stream_options") or {}).get("include_usage")
+    base = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 0, "model": request["model"] + CHAT_SUFFIX}
+    events = []
+    for word in ["Hel", "lo", "!"]:
+        chunk = dict(base, choices=[{"index": 0, "delta": {"content": word}, "finish_reason": None}])
         if include_usage:
-            events.append("data: %s\n\n" % json.dumps(dict(base, choices=[], usage=CHAT_USAGE)))
-        events.append("data: [DONE]\n\n")
-        self.send_sse(events)
+            chunk["usage"] = None
+        events.append("data: %s\n\n" % json.dumps(chunk))
+    if include_usage:
+        events.append("data: %s\n\n" % json.dumps(dict(base, choices=[], usage=CHAT_USAGE)))
+    events.append("data: [DONE]\n\n")
+    return events
 
-    def messages(self, request):
-        message = {"id": "msg_1", "type": "message", "role": "assistant", "model": MESSAGES_MODEL,
-                   "stop_reason": "end_turn", "stop_sequence": None}
-        if not request.get("stream"):
-            self.send_json(200, dict(message, content=[{"type": "text", "text": "Hi!"}], usage=MESSAGES_USAGE))
+
+def message_events(request):
+    message = {"id": "msg_1", "type": "message", "role": "assistant", "model": request["model"] + MESSAGES_SUFFIX,
+               "content": [], "stop_reason": None, "stop_sequence": None}
+    events = [
+        ("message_start", {"type": "message_start", "message": dict(message, usage=dict(MESSAGES_USAGE, output_tokens=1))}),
+        ("content_block_start", {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
+        ("ping", {"type": "ping"}),
+        ("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "Hi!"}}),
+        ("content_block_stop", {"type": "content_block_stop", "index": 0}),
+        ("message_delta", {"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+                           "usage": {"output_tokens": MESSAGES_USAGE["output_tokens"]}}),
+        ("message_stop", {"type": "message_stop"}),
+    ]
+    return ["event: %s\ndata: %s\n\n" % (name, json.dumps(data)) for name, data in events]
+
+
+async def app(scope, receive, send):
+    if scope["type"] == "lifespan":
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+    headers = dict(scope["headers"])
+    accept_gzip = b"gzip" in headers.get(b"accept-encoding", b"")
+    raw = await read_body(receive)
+    request = json.loads(raw or b"{}")
+    model = request.get("model", "")
+    if model.startswith("fail-once"):
+        first = raw not in seen_bodies
+        seen_bodies.add(raw)
+        if first:
+            await send_json(send, 429, {"error": {"message": "slow down", "type": "requests", "code": "rate_limit_exceeded"}},
+                            accept_gzip, headers=[("retry-after-ms", "10")])
             return
-        start_usage = dict(MESSAGES_USAGE, output_tokens=1)
-        events = [
-            ("message_start", {"type": "message_start", "message": dict(message, content=[], stop_reason=None, usage=start_usage)}),
-            ("content_block_start", {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
-            ("ping", {"type": "ping"}),
-            ("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "Hi!"}}),
-            ("content_block_stop", {"type": "content_block_stop", "index": 0}),
-            ("message_delta", {"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": None},
-                               "usage": {"output_tokens": MESSAGES_USAGE["output_tokens"]}}),
-            ("message_stop", {"type": "message_stop"}),
-        ]
-        self.send_sse(["event: %s\ndata: %s\n\n" % (name, json.dumps(data)) for name, data in events])
+    path = scope["path"]
+    if path.endswith("/chat/completions"):
+        if request.get("stream"):
+            await send_sse(send, chat_events(request))
+        else:
+            await send_json(send, 200, {"id": "chatcmpl-1", "object": "chat.completion", "created": 0, "model": model + CHAT_SUFFIX,
+                                        "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hello!"},
+                                                     "finish_reason": "stop"}], "usage": CHAT_USAGE}, accept_gzip)
+    elif path.endswith("/v1/messages"):
+        if request.get("stream"):
+            await send_sse(send, message_events(request))
+        else:
+            await send_json(send, 200, {"id": "msg_1", "type": "message", "role": "assistant", "model": model + MESSAGES_SUFFIX,
+                                        "content": [{"type": "text", "text": "Hi!"}], "stop_reason": "end_turn",
+                                        "stop_sequence": None, "usage": MESSAGES_USAGE}, accept_gzip)
+    else:
+        await send_json(send, 404, {"error": {"type": "not_found"}}, False)
 
 
 def main():
+    from hypercorn.asyncio import serve
+    from hypercorn.config import Config
+    import os
+    import socket
     cert, key, port_file = sys.argv[1:4]
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(cert, key)
-    context.set_alpn_protocols(["http/1.1"])
-    server.socket = context.wrap_socket(server.socket, server_side=True)
-    with open(port_file, "w") as f:
-        f.write(str(server.server_address[1]))
-    server.serve_forever()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(128)
+    config = Config()
+    config.bind = ["fd://%d" % sock.fileno()]
+    config.certfile, config.keyfile = cert, key
+    config.alpn_protocols = ["h2", "http/1.1"]
+    config.accesslog = None
+    tmp = port_file + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(str(sock.getsockname()[1]))
+    os.rename(tmp, port_file)
+    asyncio.run(serve(app, config))
 
 
 if __name__ == "__main__":

@@ -183,14 +183,14 @@ pub struct Daemon {
 }
 
 impl Daemon {
+    /// Starts the daemon on a port of its own choosing (`--listen 127.0.0.1:0`, read
+    /// back from its log), so concurrent tests never race for a port.
     pub fn start(config: &str) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let config_path = dir.path().join("gauge.toml");
         std::fs::write(&config_path, config).expect("write config");
-        let port = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
-        let addr = format!("127.0.0.1:{port}");
         let mut child = agent_command()
-            .args(["run", "--listen", &addr, "--config"])
+            .args(["run", "--listen", "127.0.0.1:0", "--config"])
             .arg(&config_path)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
@@ -200,6 +200,14 @@ impl Daemon {
             .expect("start gauge-agent run");
         let log = Log::default();
         log.follow(child.stderr.take().expect("stderr"));
+        log.wait_for(&["serving /metrics"], Duration::from_secs(30));
+        let text = log.text();
+        let addr = text
+            .split("addr=")
+            .nth(1)
+            .and_then(|rest| rest.split_whitespace().next())
+            .unwrap_or_else(|| panic!("no listen address in the daemon log:\n{text}"))
+            .to_owned();
         Self { child, addr, log, _dir: dir }
     }
 

@@ -27,10 +27,18 @@ struct MockLlm {
 }
 
 impl MockLlm {
-    fn start(cert: &Path, key: &Path, dir: &Path) -> Self {
-        let port_file = dir.join("port");
+    fn start(cert: &Path, key: &Path) -> Self {
+        let dir = cert.parent().expect("cert dir");
+        let port_file = dir.join(format!("port-{}", std::process::id()));
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("mock/llm_server.py");
-        let mut child = Command::new("python3").arg(script).arg(cert).arg(key).arg(&port_file).spawn().expect("start mock");
+        let mut child = Command::new("python3")
+            .arg(script)
+            .arg(cert)
+            .arg(key)
+            .arg(&port_file)
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start mock");
         let start = Instant::now();
         loop {
             if let Some(port) = std::fs::read_to_string(&port_file).ok().and_then(|p| p.trim().parse().ok()) {
@@ -67,6 +75,23 @@ print("ok")
 "#;
 
 const CHAT_MODEL: &str = "gpt-4o-mini-2024-07-18";
+
+fn with<'a>(base: &[(&'a str, &'a str)], extra: &[(&'a str, &'a str)]) -> Vec<(&'a str, &'a str)> {
+    base.iter().chain(extra).copied().collect()
+}
+
+/// Scrapes until each label set has at least the given number of requests (20 s).
+fn wait_for(daemon: &Daemon, wanted: &[(&[(&str, &str)], f64)]) -> String {
+    let start = Instant::now();
+    loop {
+        let (_, metrics) = daemon.get("/metrics").expect("scrape");
+        let done = wanted.iter().all(|(labels, n)| sum(&metrics, "gauge_llm_requests_total", labels) >= *n);
+        if done || start.elapsed() > Duration::from_secs(20) {
+            return metrics;
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+}
 const MESSAGES_MODEL: &str = "claude-sonnet-4-5-20250929";
 
 #[test]
@@ -76,7 +101,7 @@ fn official_sdks_over_http1_are_metered_exactly() {
     }
     let dir = tempfile::tempdir().expect("tempdir");
     let (cert, key) = write_certificate(dir.path());
-    let mock = MockLlm::start(&cert, &key, dir.path());
+    let mock = MockLlm::start(&cert, &key);
     let mut daemon = Daemon::start("");
     daemon.wait_healthy();
 
@@ -86,33 +111,25 @@ fn official_sdks_over_http1_are_metered_exactly() {
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "ok");
 
     let openai = [("provider", "openai_compatible"), ("model", CHAT_MODEL)];
+    let retried = [("provider", "openai_compatible"), ("model", "fail-once-a-2024-07-18")];
     let anthropic = [("provider", "anthropic"), ("model", MESSAGES_MODEL)];
-    let start = Instant::now();
-    let metrics = loop {
-        let (_, metrics) = daemon.get("/metrics").expect("scrape");
-        let done = sum(&metrics, "gauge_llm_requests_total", &openai) >= 3.0
-            && sum(&metrics, "gauge_llm_requests_total", &anthropic) >= 2.0;
-        if done || start.elapsed() > Duration::from_secs(20) {
-            break metrics;
-        }
-        thread::sleep(Duration::from_millis(100));
-    };
+    let metrics = wait_for(&daemon, &[(&openai, 2.0), (&retried, 1.0), (&anthropic, 2.0)]);
     let check = |metric: &str, labels: &[(&str, &str)], want: f64| {
         let got = sum(&metrics, metric, labels);
         assert_eq!(got, want, "{metric} {labels:?}\n{metrics}\ndaemon log:\n{}", daemon.log.text());
     };
-    let with = |base: &[(&'static str, &'static str)], extra: &[(&'static str, &'static str)]| {
-        base.iter().chain(extra).copied().collect::<Vec<_>>()
-    };
-    // OpenAI chat: 3 successful calls (plain, streamed with include_usage, the retry),
-    // each prompt 21 (5 cached), completion 7 (2 reasoning).
-    check("gauge_llm_requests_total", &with(&openai, &[("status", "200")]), 3.0);
+    // OpenAI chat, plain (gzip-compressed JSON) and streamed with include_usage: each
+    // prompt 21 (5 cached), completion 7 (2 reasoning).
+    check("gauge_llm_requests_total", &with(&openai, &[("status", "200")]), 2.0);
+    check("gauge_llm_tokens_total", &with(&openai, &[("kind", "input"), ("source", "reported")]), 32.0);
+    check("gauge_llm_tokens_total", &with(&openai, &[("kind", "cache_read")]), 10.0);
+    check("gauge_llm_tokens_total", &with(&openai, &[("kind", "output")]), 14.0);
+    check("gauge_llm_reasoning_tokens_total", &openai, 4.0);
+    check("gauge_llm_retries_total", &openai, 0.0);
+    // 429 first, then the SDK's own retry (x-stainless-retry-count: 1) succeeds.
     check("gauge_llm_requests_total", &[("model", "fail-once-a"), ("status", "429")], 1.0);
-    check("gauge_llm_tokens_total", &with(&openai, &[("kind", "input"), ("source", "reported")]), 48.0);
-    check("gauge_llm_tokens_total", &with(&openai, &[("kind", "cache_read")]), 15.0);
-    check("gauge_llm_tokens_total", &with(&openai, &[("kind", "output")]), 21.0);
-    check("gauge_llm_reasoning_tokens_total", &openai, 6.0);
-    check("gauge_llm_retries_total", &openai, 1.0);
+    check("gauge_llm_requests_total", &with(&retried, &[("status", "200")]), 1.0);
+    check("gauge_llm_retries_total", &retried, 1.0);
     // Anthropic: plain and streamed, input 9, cache write 3, cache read 4, output 11.
     check("gauge_llm_requests_total", &with(&anthropic, &[("status", "200")]), 2.0);
     check("gauge_llm_tokens_total", &with(&anthropic, &[("kind", "input")]), 18.0);
@@ -122,5 +139,63 @@ fn official_sdks_over_http1_are_metered_exactly() {
     check("gauge_llm_time_to_first_token_seconds_count", &anthropic, 2.0);
     // The API keys the SDKs sent never reach metrics or logs.
     assert!(!metrics.contains("0123456789abcdef") && !daemon.log.text().contains("0123456789abcdef"));
+    drop(mock);
+}
+
+const SDK_HTTP2: &str = r#"
+import os, anthropic, httpx2 as httpx, openai
+base = "https://127.0.0.1:%s" % os.environ["GAUGE_TEST_PORT"]
+msgs = [{"role": "user", "content": "hi"}]
+oa = openai.OpenAI(base_url=base + "/v1", api_key="sk-test-secret-0123456789abcdef", http_client=httpx.Client(http2=True))
+oa.chat.completions.create(model="gpt-4o-mini-h2", messages=msgs)
+for _ in oa.chat.completions.create(model="gpt-4o-mini-h2", messages=msgs, stream=True, stream_options={"include_usage": True}):
+    pass
+an = anthropic.Anthropic(base_url=base, api_key="sk-ant-test-secret-0123456789abcdef", http_client=httpx.Client(http2=True))
+for _ in an.messages.create(model="claude-h2", max_tokens=64, messages=msgs, stream=True):
+    pass
+print("ok")
+"#;
+
+#[test]
+fn curl_and_sdks_over_http2_are_metered_exactly() {
+    if !kernel_tests_enabled("HTTP/2 end to end") {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (cert, key) = write_certificate(dir.path());
+    let mock = MockLlm::start(&cert, &key);
+    let mut daemon = Daemon::start("");
+    daemon.wait_healthy();
+    let url = format!("https://127.0.0.1:{}/v1/chat/completions", mock.port);
+    for body in [
+        r#"{"model":"gpt-4o-mini-h2","messages":[]}"#,
+        r#"{"model":"gpt-4o-mini-h2","stream":true,"stream_options":{"include_usage":true},"messages":[]}"#,
+    ] {
+        let mut curl = Command::new("curl");
+        curl.args(["-sS", "--fail", "--http2", "--compressed", "-H", "content-type: application/json", "--cacert"])
+            .arg(&cert)
+            .args(["-d", body, &url]);
+        clients::run("curl --http2", &mut curl);
+    }
+    let mut sdk = clients::python(&cert, SDK_HTTP2);
+    sdk.env("GAUGE_TEST_PORT", mock.port.to_string()).env("SSL_CERT_FILE", &cert);
+    let (_, out) = clients::run("SDKs over HTTP/2", &mut sdk);
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "ok");
+
+    let openai = [("provider", "openai_compatible"), ("model", "gpt-4o-mini-h2-2024-07-18")];
+    let anthropic = [("provider", "anthropic"), ("model", "claude-h2-20250929")];
+    let metrics = wait_for(&daemon, &[(&openai, 4.0), (&anthropic, 1.0)]);
+    let check = |metric: &str, labels: &[(&str, &str)], want: f64| {
+        let got = sum(&metrics, metric, labels);
+        assert_eq!(got, want, "{metric} {labels:?}\n{metrics}\ndaemon log:\n{}", daemon.log.text());
+    };
+    check("gauge_llm_requests_total", &with(&openai, &[("status", "200")]), 4.0);
+    check("gauge_llm_tokens_total", &with(&openai, &[("kind", "input")]), 64.0);
+    check("gauge_llm_tokens_total", &with(&openai, &[("kind", "cache_read")]), 20.0);
+    check("gauge_llm_tokens_total", &with(&openai, &[("kind", "output")]), 28.0);
+    check("gauge_llm_reasoning_tokens_total", &openai, 8.0);
+    check("gauge_llm_tokens_total", &with(&anthropic, &[("kind", "cache_read")]), 4.0);
+    check("gauge_llm_tokens_total", &with(&anthropic, &[("kind", "output")]), 11.0);
+    assert_eq!(sum(&metrics, "gauge_http2_hpack_desyncs_total", &[]), 0.0);
     drop(mock);
 }

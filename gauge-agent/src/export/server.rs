@@ -47,6 +47,8 @@ pub async fn bind(addr: SocketAddr, state: ServerState) -> anyhow::Result<impl F
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("cannot listen on {addr}: is another gauge-agent running? choose another with --listen"))?;
+    // The bound address, so that `--listen 127.0.0.1:0` reports the port it got.
+    let addr = listener.local_addr().unwrap_or(addr);
     tracing::info!(%addr, "serving /metrics, /healthz and /targets");
     Ok(async move { axum::serve(listener, router(state)).await })
 }
