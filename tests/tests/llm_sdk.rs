@@ -67,6 +67,8 @@ oa.chat.completions.create(model="gpt-4o-mini", messages=msgs)
 for _ in oa.chat.completions.create(model="gpt-4o-mini", messages=msgs, stream=True, stream_options={"include_usage": True}):
     pass
 oa.chat.completions.create(model="fail-once-a", messages=msgs)
+for _ in oa.chat.completions.create(model="gpt-4o-mini-est", messages=msgs, stream=True):
+    pass
 an = anthropic.Anthropic(base_url=base, api_key="sk-ant-test-secret-0123456789abcdef")
 an.messages.create(model="claude-sonnet-4-5", max_tokens=64, messages=msgs)
 for _ in an.messages.create(model="claude-sonnet-4-5", max_tokens=64, messages=msgs, stream=True):
@@ -113,7 +115,8 @@ fn official_sdks_over_http1_are_metered_exactly() {
     let openai = [("provider", "openai_compatible"), ("model", CHAT_MODEL)];
     let retried = [("provider", "openai_compatible"), ("model", "fail-once-a-2024-07-18")];
     let anthropic = [("provider", "anthropic"), ("model", MESSAGES_MODEL)];
-    let metrics = wait_for(&daemon, &[(&openai, 2.0), (&retried, 1.0), (&anthropic, 2.0)]);
+    let estimated = [("provider", "openai_compatible"), ("model", "gpt-4o-mini-est-2024-07-18")];
+    let metrics = wait_for(&daemon, &[(&openai, 2.0), (&retried, 1.0), (&anthropic, 2.0), (&estimated, 1.0)]);
     let check = |metric: &str, labels: &[(&str, &str)], want: f64| {
         let got = sum(&metrics, metric, labels);
         assert_eq!(got, want, "{metric} {labels:?}\n{metrics}\ndaemon log:\n{}", daemon.log.text());
@@ -130,6 +133,10 @@ fn official_sdks_over_http1_are_metered_exactly() {
     check("gauge_llm_requests_total", &[("model", "fail-once-a"), ("status", "429")], 1.0);
     check("gauge_llm_requests_total", &with(&retried, &[("status", "200")]), 1.0);
     check("gauge_llm_retries_total", &retried, 1.0);
+    // A stream without include_usage: counted with the model's tokenizer, marked so.
+    let count = |text: &str| gauge_agent::llm::estimate::count("gpt-4o-mini-est-2024-07-18", text) as f64;
+    check("gauge_llm_tokens_total", &with(&estimated, &[("kind", "input"), ("source", "estimated")]), count("hi"));
+    check("gauge_llm_tokens_total", &with(&estimated, &[("kind", "output"), ("source", "estimated")]), count("Hello!"));
     // Anthropic: plain and streamed, input 9, cache write 3, cache read 4, output 11.
     check("gauge_llm_requests_total", &with(&anthropic, &[("status", "200")]), 2.0);
     check("gauge_llm_tokens_total", &with(&anthropic, &[("kind", "input")]), 18.0);

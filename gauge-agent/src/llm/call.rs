@@ -4,10 +4,9 @@
 
 use std::hash::{DefaultHasher, Hasher as _};
 
-use serde::Deserialize;
 
 use super::{
-    Endpoint, Provider, Recognized,
+    Endpoint, Provider, Recognized, estimate,
     usage::{self, Envelope, GeminiUsage, RawUsage, Usage},
 };
 use crate::http::{RequestHead, ResponseHead, encoding::ContentDecoder, sse};
@@ -34,8 +33,9 @@ pub struct LlmCall {
     pub end_ns: u64,
     pub error_type: Option<String>,
     pub request_id: Option<String>,
-    /// Reported usage; `None` when the response carried none.
+    /// Token usage: reported by the provider, else estimated from the text seen.
     pub usage: Option<Usage>,
+    pub usage_source: UsageSource,
     /// `x-stainless-retry-count` of the official SDKs.
     pub retry_count: Option<u32>,
     /// Hash of the request body, to spot repeated requests.
@@ -44,6 +44,30 @@ pub struct LlmCall {
     pub incomplete: bool,
 }
 
+/// Where a call's token counts come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UsageSource {
+    /// The provider's response said so: exact.
+    Reported,
+    /// Counted by Gauge with the model family's tokenizer.
+    Estimated,
+    /// No usage and nothing to estimate from.
+    None,
+}
+
+impl UsageSource {
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Reported => "reported",
+            Self::Estimated => "estimated",
+            Self::None => "none",
+        }
+    }
+}
+
+/// Text kept per call for estimates (bytes).
+const MAX_TEXT: usize = 4 << 20;
+
 impl LlmCall {
     /// The model to report: what the provider answered, else what was asked.
     pub fn model(&self) -> &str {
@@ -51,11 +75,6 @@ impl LlmCall {
     }
 }
 
-#[derive(Debug, Default, Deserialize)]
-struct RequestFields {
-    model: Option<String>,
-    stream: Option<bool>,
-}
 
 /// Usage as it accumulates over a stream.
 #[derive(Debug, Default)]
@@ -88,6 +107,10 @@ pub struct CallTracker {
     reported: Reported,
     response_model: Option<String>,
     error_type: Option<String>,
+    /// Prompt text, for an estimate if the response reports no usage.
+    request_text: String,
+    /// Generated text seen so far, for the same reason.
+    output_text: String,
 }
 
 impl CallTracker {
@@ -113,6 +136,8 @@ impl CallTracker {
             reported: Reported::None,
             response_model: None,
             error_type: None,
+            request_text: String::new(),
+            output_text: String::new(),
         }
     }
 
@@ -127,11 +152,13 @@ impl CallTracker {
     /// The request is complete: read the model and whether a stream was asked for.
     pub fn request_end(&mut self) {
         let body = std::mem::take(&mut self.request_body);
-        if let Ok(fields) = serde_json::from_slice::<RequestFields>(&body) {
-            if fields.model.is_some() {
-                self.request_model = fields.model;
+        if let Ok(json) = serde_json::from_slice::<serde_json::Value>(&body) {
+            if let Some(model) = json.get("model").and_then(|m| m.as_str()) {
+                self.request_model = Some(model.to_owned());
             }
-            self.stream_requested |= fields.stream.unwrap_or(false);
+            self.stream_requested |= json.get("stream").and_then(|s| s.as_bool()).unwrap_or(false);
+            self.request_text = estimate::request_text(&json);
+            self.request_text.truncate(floor_char_boundary(&self.request_text, MAX_TEXT));
         }
     }
 
@@ -193,6 +220,9 @@ impl CallTracker {
 
     /// Takes model, usage and error from one envelope (body or stream event).
     fn absorb(&mut self, envelope: Envelope) {
+        if self.output_text.len() < MAX_TEXT {
+            envelope.output_text(&mut self.output_text);
+        }
         let Envelope { model, model_version, usage, usage_metadata, response, message, error, .. } = envelope;
         if let Some(inner) = response.or(message) {
             self.absorb(*inner);
@@ -245,10 +275,17 @@ impl CallTracker {
             };
         }
         let endpoint = self.recognized.endpoint;
-        let usage = match &self.reported {
-            Reported::None => None,
-            Reported::Raw(raw) => Some(usage::from_raw(endpoint, raw)),
-            Reported::Gemini(g) => Some(usage::from_gemini(g)),
+        let (usage, usage_source) = match &self.reported {
+            Reported::Raw(raw) => (Some(usage::from_raw(endpoint, raw)), UsageSource::Reported),
+            Reported::Gemini(g) => (Some(usage::from_gemini(g)), UsageSource::Reported),
+            // A provider bills the prompt of a call it answered, and what it streamed.
+            Reported::None if status.is_some_and(|s| (200..300).contains(&s)) => {
+                let model = self.response_model.as_deref().or(self.request_model.as_deref()).unwrap_or("");
+                let input = estimate::count(model, &self.request_text);
+                let output = estimate::count(model, &self.output_text);
+                (Some(Usage { input, output, ..Usage::default() }), UsageSource::Estimated)
+            }
+            Reported::None => (None, UsageSource::None),
         };
         let request_id = self.response.as_ref().and_then(|r| {
             r.headers.get("x-request-id").or_else(|| r.headers.get("request-id")).map(str::to_owned)
@@ -267,9 +304,18 @@ impl CallTracker {
             error_type: self.error_type,
             request_id,
             usage,
+            usage_source,
             retry_count: self.retry_count,
             body_hash: self.hasher.finish(),
             incomplete: !complete || self.body_cut || self.request_body_cut || self.undecodable,
         }
     }
+}
+
+/// The largest index <= `max` on a char boundary of `s`.
+fn floor_char_boundary(s: &str, max: usize) -> usize {
+    if s.len() <= max {
+        return s.len();
+    }
+    (0..=max).rev().find(|&i| s.is_char_boundary(i)).unwrap_or(0)
 }

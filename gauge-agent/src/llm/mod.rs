@@ -11,9 +11,10 @@
 //! cache_write, `gen_ai.usage.output_tokens` = output.
 
 pub mod call;
+pub mod estimate;
 pub mod providers;
 pub mod usage;
 
-pub use call::{CallTracker, LlmCall};
+pub use call::{CallTracker, LlmCall, UsageSource};
 pub use providers::{Endpoint, Provider, Recognized};
 pub use usage::Usage;

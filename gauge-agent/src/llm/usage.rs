@@ -33,6 +33,64 @@ pub struct Envelope {
     /// Anthropic `message_start` wraps the message.
     pub message: Option<Box<Envelope>>,
     pub error: Option<ErrorBody>,
+    /// OpenAI chat: `choices[].delta.content` (streams) or `.message.content`.
+    pub choices: Option<Vec<Choice>>,
+    /// Anthropic `content_block_delta` (an object) or Responses `*.delta` (a string).
+    pub delta: Option<serde_json::Value>,
+    /// Anthropic whole messages: `content[].text`.
+    pub content: Option<serde_json::Value>,
+    /// Gemini: `candidates[].content.parts[].text`.
+    pub candidates: Option<serde_json::Value>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct Choice {
+    pub delta: Option<Message>,
+    pub message: Option<Message>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct Message {
+    pub content: Option<serde_json::Value>,
+    pub reasoning_content: Option<String>,
+}
+
+impl Envelope {
+    /// Generated text this envelope carries, for estimates when usage is missing.
+    pub fn output_text(&self, out: &mut String) {
+        let mut push = |v: &serde_json::Value| text_of(v, out);
+        for choice in self.choices.iter().flatten() {
+            for message in [&choice.delta, &choice.message].into_iter().flatten() {
+                if let Some(content) = &message.content {
+                    push(content);
+                }
+                if let Some(reasoning) = &message.reasoning_content {
+                    push(&serde_json::Value::String(reasoning.clone()));
+                }
+            }
+        }
+        for v in [&self.delta, &self.content, &self.candidates].into_iter().flatten() {
+            push(v);
+        }
+    }
+}
+
+/// Strings under `text`/`thinking` keys, or a bare string.
+fn text_of(value: &serde_json::Value, out: &mut String) {
+    match value {
+        serde_json::Value::String(s) => out.push_str(s),
+        serde_json::Value::Array(items) => items.iter().for_each(|v| text_of(v, out)),
+        serde_json::Value::Object(fields) => {
+            for (key, v) in fields {
+                match key.as_str() {
+                    "text" | "thinking" | "partial_json" => text_of(v, out),
+                    "content" | "parts" => text_of(v, out),
+                    _ => {}
+                }
+            }
+        }
+        _ => {}
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -125,7 +125,7 @@ impl LlmMetrics {
         }
         match &call.usage {
             Some(usage) => {
-                let source = "reported";
+                let source = call.usage_source.label();
                 for (kind, value) in [
                     ("input", usage.input),
                     ("cache_read", usage.cache_read),
@@ -264,6 +264,7 @@ mod tests {
             error_type: None,
             request_id: None,
             usage: Some(Usage { input: 5, cache_read: 200, cache_write: 100, output: 33, reasoning: 0 }),
+            usage_source: crate::llm::UsageSource::Reported,
             retry_count: Some(1),
             body_hash: 0,
             incomplete: false,

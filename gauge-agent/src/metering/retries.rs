@@ -67,6 +67,7 @@ mod tests {
                 error_type: None,
                 request_id: None,
                 usage: None,
+                usage_source: crate::llm::UsageSource::None,
                 retry_count,
                 body_hash: hash,
                 incomplete: false,

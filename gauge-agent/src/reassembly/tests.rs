@@ -121,6 +121,29 @@ fn streamed_chat_usage_comes_from_the_final_chunk() {
 }
 
 #[test]
+fn a_stream_without_usage_is_estimated_with_the_model_tokenizer() {
+    let req = request(
+        "/v1/chat/completions",
+        "api.openai.com",
+        r#"{"model":"gpt-4o-mini","stream":true,"messages":[{"role":"user","content":"hello world"}]}"#,
+        "",
+    );
+    let resp = sse_response(&[
+        "data: {\"model\":\"gpt-4o-mini\",\"choices\":[{\"delta\":{\"content\":\"Hello\"}}]}\n\n",
+        "data: {\"model\":\"gpt-4o-mini\",\"choices\":[{\"delta\":{\"content\":\" there, friend\"}}]}\n\n",
+        "data: [DONE]\n\n",
+    ]);
+    let mut cap = Capture::new();
+    cap.data(3, Direction::Write, &req, 4096).data(3, Direction::Read, &resp, 9);
+    let (calls, _) = cap.replay(Limits::default());
+    let c = &calls[0].call;
+    assert_eq!(c.usage_source, crate::llm::UsageSource::Estimated);
+    let expected_output = crate::llm::estimate::count("gpt-4o-mini", "Hello there, friend");
+    assert_eq!(c.usage, Some(Usage { input: 2, output: expected_output, ..Usage::default() }));
+    assert!(!c.incomplete);
+}
+
+#[test]
 fn anthropic_stream_cache_tokens_are_exact() {
     let req = request("/v1/messages", "api.anthropic.com", r#"{"model":"claude-sonnet-4-5","stream":true,"max_tokens":100,"messages":[]}"#, "x-stainless-retry-count: 2\r\n");
     let resp = sse_response(&[
@@ -141,7 +164,7 @@ fn anthropic_stream_cache_tokens_are_exact() {
 
 #[test]
 fn errors_and_cut_streams_are_reported_not_lost() {
-    let req = request("/v1/messages", "api.anthropic.com", r#"{"model":"claude-haiku-4-5","messages":[]}"#, "");
+    let req = request("/v1/messages", "api.anthropic.com", r#"{"model":"claude-haiku-4-5","messages":[{"role":"user","content":"hello world"}]}"#, "");
     let err = json_response(429, r#"{"type":"error","error":{"type":"rate_limit_error","message":"slow"}}"#);
     let mut cap = Capture::new();
     cap.data(5, Direction::Write, &req, 4096).data(5, Direction::Read, &err, 4096);
@@ -150,7 +173,11 @@ fn errors_and_cut_streams_are_reported_not_lost() {
     let (calls, r) = cap.replay(Limits::default());
     assert_eq!(calls.len(), 2);
     assert_eq!((calls[0].call.status, calls[0].call.error_type.as_deref()), (Some(429), Some("rate_limit_error")));
-    assert!(calls[1].call.incomplete && calls[1].call.usage.is_none());
+    // The cut stream is never billed as zero: its prompt is estimated.
+    let cut = &calls[1].call;
+    assert!(cut.incomplete);
+    assert_eq!(cut.usage_source, crate::llm::UsageSource::Estimated);
+    assert_eq!(cut.usage.map(|u| u.input), Some(2), "\"hello world\" is two tokens");
     assert_eq!(r.open_connections(), 0, "close frees the connection");
 }
 
