@@ -1,5 +1,6 @@
 //! `cargo xtask`: set-up, build, run and test. Orchestration only.
 
+mod fuzz;
 mod setup;
 
 use std::process::Command;
@@ -23,6 +24,15 @@ enum Cmd {
     Run {
         #[arg(last = true)]
         args: Vec<String>,
+    },
+    /// Run every fuzz target (cargo-fuzz, nightly) for a while each, seeded from
+    /// fuzz/corpus; a crash fails the run and leaves its input in fuzz/artifacts.
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        /// Targets to run (default: all).
+        targets: Vec<String>,
     },
     /// Set up if needed, build, and run every test, the kernel tests included.
     Test {
@@ -48,6 +58,7 @@ fn main() -> anyhow::Result<()> {
                 .context("cannot start target/release/gauge-agent")?;
             exit_with(status)
         }
+        Cmd::Fuzz { seconds, targets } => fuzz::run(seconds, &targets),
         Cmd::Test { args } => {
             setup::run()?;
             setup::test_dependencies()?;
