@@ -10,8 +10,10 @@ Models with special behaviour:
   "fail-once-*": the first request with a given body gets 429 (retry-after-ms: 10).
 """
 import asyncio
+import base64
 import gzip
 import json
+import struct
 import sys
 
 CHAT_USAGE = {"prompt_tokens": 21, "completion_tokens": 7, "total_tokens": 28,
@@ -23,6 +25,12 @@ CHAT_SUFFIX = "-2024-07-18"
 MESSAGES_USAGE = {"input_tokens": 9, "cache_creation_input_tokens": 3,
                   "cache_read_input_tokens": 4, "output_tokens": 11}
 MESSAGES_SUFFIX = "-20250929"
+
+RESPONSES_USAGE = {"input_tokens": 20, "input_tokens_details": {"cached_tokens": 10},
+                   "output_tokens": 12, "output_tokens_details": {"reasoning_tokens": 5}, "total_tokens": 32}
+EMBEDDINGS_USAGE = {"prompt_tokens": 8, "total_tokens": 8}
+GEMINI_USAGE = {"promptTokenCount": 12, "cachedContentTokenCount": 2, "candidatesTokenCount": 4,
+                "thoughtsTokenCount": 6, "totalTokenCount": 22}
 
 seen_bodies = set()
 
@@ -87,6 +95,30 @@ def message_events(request):
     return ["event: %s\ndata: %s\n\n" % (name, json.dumps(data)) for name, data in events]
 
 
+def response_object(model, status, usage):
+    return {"id": "resp_1", "object": "response", "created_at": 0, "status": status, "model": model,
+            "output": [{"type": "message", "id": "msg_1", "status": "completed", "role": "assistant",
+                        "content": [{"type": "output_text", "text": "Hi!", "annotations": []}]}],
+            "parallel_tool_calls": True, "tool_choice": "auto", "tools": [], "usage": usage}
+
+
+def responses_events(model):
+    events = [
+        ("response.created", {"type": "response.created", "sequence_number": 0,
+                              "response": response_object(model, "in_progress", None)}),
+        ("response.output_text.delta", {"type": "response.output_text.delta", "sequence_number": 1, "item_id": "msg_1",
+                                        "output_index": 0, "content_index": 0, "delta": "Hi!", "logprobs": []}),
+        ("response.completed", {"type": "response.completed", "sequence_number": 2,
+                                "response": response_object(model, "completed", RESPONSES_USAGE)}),
+    ]
+    return ["event: %s\ndata: %s\n\n" % (name, json.dumps(data)) for name, data in events]
+
+
+def gemini_chunk(model, text, usage):
+    return {"candidates": [{"content": {"parts": [{"text": text}], "role": "model"}, "index": 0}],
+            "usageMetadata": usage, "modelVersion": model + "-001"}
+
+
 async def app(scope, receive, send):
     if scope["type"] == "lifespan":
         while True:
@@ -109,7 +141,26 @@ async def app(scope, receive, send):
                             accept_gzip, headers=[("retry-after-ms", "10")])
             return
     path = scope["path"]
-    if path.endswith("/chat/completions"):
+    if ":generateContent" in path or ":streamGenerateContent" in path:
+        gemini_model = path.split("/models/")[-1].split(":")[0]
+        if ":streamGenerateContent" in path:
+            partial = {"promptTokenCount": 12, "totalTokenCount": 12}
+            await send_sse(send, ["data: %s\r\n\r\n" % json.dumps(gemini_chunk(gemini_model, "Hi", partial)),
+                                  "data: %s\r\n\r\n" % json.dumps(gemini_chunk(gemini_model, "!", GEMINI_USAGE))])
+        else:
+            await send_json(send, 200, gemini_chunk(gemini_model, "Hi!", GEMINI_USAGE), accept_gzip)
+    elif path.endswith("/responses"):
+        if request.get("stream"):
+            await send_sse(send, responses_events(model + CHAT_SUFFIX))
+        else:
+            await send_json(send, 200, response_object(model + CHAT_SUFFIX, "completed", RESPONSES_USAGE), accept_gzip)
+    elif path.endswith("/embeddings"):
+        vector = [0.25, 0.5]
+        if request.get("encoding_format") == "base64":
+            vector = base64.b64encode(struct.pack("<2f", *vector)).decode()
+        await send_json(send, 200, {"object": "list", "model": model + CHAT_SUFFIX, "usage": EMBEDDINGS_USAGE,
+                                    "data": [{"object": "embedding", "index": 0, "embedding": vector}]}, accept_gzip)
+    elif path.endswith("/chat/completions"):
         if request.get("stream"):
             await send_sse(send, chat_events(request))
         else:

@@ -206,3 +206,63 @@ fn curl_and_sdks_over_http2_are_metered_exactly() {
     assert_eq!(sum(&metrics, "gauge_http2_hpack_desyncs_total", &[]), 0.0);
     drop(mock);
 }
+
+const SDK_OTHER_APIS: &str = r#"
+import os, openai
+from google import genai
+from google.genai import types
+base = "https://127.0.0.1:%s" % os.environ["GAUGE_TEST_PORT"]
+oa = openai.OpenAI(base_url=base + "/v1", api_key="sk-test-secret-0123456789abcdef")
+oa.responses.create(model="gpt-5-mini", input="hi")
+for _ in oa.responses.create(model="gpt-5-mini", input="hi", stream=True):
+    pass
+oa.embeddings.create(model="text-embedding-3-small", input="hi")
+g = genai.Client(api_key="AIzaTestSecret0123456789abcdefghijklmno", http_options=types.HttpOptions(base_url=base))
+g.models.generate_content(model="gemini-2.5-flash", contents="hi")
+for _ in g.models.generate_content_stream(model="gemini-2.5-flash", contents="hi"):
+    pass
+print("ok")
+"#;
+
+#[test]
+fn responses_embeddings_and_gemini_are_metered_exactly() {
+    if !kernel_tests_enabled("Responses, Embeddings, Gemini end to end") {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (cert, key) = write_certificate(dir.path());
+    let mock = MockLlm::start(&cert, &key);
+    let mut daemon = Daemon::start("");
+    daemon.wait_healthy();
+    let mut sdk = clients::python(&cert, SDK_OTHER_APIS);
+    sdk.env("GAUGE_TEST_PORT", mock.port.to_string()).env("SSL_CERT_FILE", &cert);
+    let (_, out) = clients::run("openai responses/embeddings + google-genai", &mut sdk);
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "ok");
+
+    let responses = [("provider", "openai_compatible"), ("model", "gpt-5-mini-2024-07-18")];
+    let embeddings = [("provider", "openai_compatible"), ("model", "text-embedding-3-small-2024-07-18")];
+    let gemini = [("provider", "gemini"), ("model", "gemini-2.5-flash-001")];
+    let metrics = wait_for(&daemon, &[(&responses, 2.0), (&embeddings, 1.0), (&gemini, 2.0)]);
+    let check = |metric: &str, labels: &[(&str, &str)], want: f64| {
+        let got = sum(&metrics, metric, labels);
+        assert_eq!(got, want, "{metric} {labels:?}\n{metrics}\ndaemon log:\n{}", daemon.log.text());
+    };
+    // Responses: input 20 of which 10 cached, output 12 of which 5 reasoning; twice.
+    check("gauge_llm_requests_total", &with(&responses, &[("status", "200")]), 2.0);
+    check("gauge_llm_tokens_total", &with(&responses, &[("kind", "input"), ("source", "reported")]), 20.0);
+    check("gauge_llm_tokens_total", &with(&responses, &[("kind", "cache_read")]), 20.0);
+    check("gauge_llm_tokens_total", &with(&responses, &[("kind", "output")]), 24.0);
+    check("gauge_llm_reasoning_tokens_total", &responses, 10.0);
+    // Embeddings: 8 prompt tokens, no output.
+    check("gauge_llm_tokens_total", &with(&embeddings, &[("kind", "input")]), 8.0);
+    check("gauge_llm_tokens_total", &with(&embeddings, &[("kind", "output")]), 0.0);
+    // Gemini: prompt 12 with 2 cached; 4 candidates + 6 thoughts billed as output; twice
+    // (the stream's last usageMetadata counts, not the partial first one).
+    check("gauge_llm_requests_total", &with(&gemini, &[("status", "200")]), 2.0);
+    check("gauge_llm_tokens_total", &with(&gemini, &[("kind", "input")]), 20.0);
+    check("gauge_llm_tokens_total", &with(&gemini, &[("kind", "cache_read")]), 4.0);
+    check("gauge_llm_tokens_total", &with(&gemini, &[("kind", "output")]), 20.0);
+    check("gauge_llm_reasoning_tokens_total", &gemini, 12.0);
+    assert!(!metrics.contains("AIzaTestSecret") && !daemon.log.text().contains("AIzaTestSecret"));
+    drop(mock);
+}

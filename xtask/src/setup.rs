@@ -50,7 +50,8 @@ pub fn run() -> anyhow::Result<()> {
 /// Official SDKs the end-to-end tests drive, from PyPI, pinned.
 /// (hypercorn serves the mock provider over HTTP/1.1 and HTTP/2; h2 lets the SDKs'
 /// HTTP client speak HTTP/2.)
-const PYTHON_PACKAGES: [&str; 4] = ["openai==3.57.0", "anthropic==2.14.0", "hypercorn==0.17.3", "h2==4.4.1"];
+const PYTHON_PACKAGES: [&str; 5] =
+    ["openai==3.57.0", "anthropic==2.14.0", "google-genai==3.6.1", "hypercorn==0.17.3", "h2==4.4.1"];
 
 /// Clients the kernel tests run against the capture.
 pub fn test_dependencies() -> anyhow::Result<()> {
@@ -62,8 +63,8 @@ pub fn test_dependencies() -> anyhow::Result<()> {
     let sdks_present = Command::new("python3")
         .args([
             "-c",
-            "import openai, anthropic, hypercorn, h2, sys; \
-             sys.exit(0 if (openai.__version__, anthropic.__version__) == ('3.57.0', '2.14.0') else 1)",
+            "import openai, anthropic, hypercorn, h2, sys; from google import genai; \
+             sys.exit(0 if (openai.__version__, anthropic.__version__, genai.__version__) == ('3.57.0', '2.14.0', '3.6.1') else 1)",
         ])
         .stderr(Stdio::null())
         .status()
