@@ -6,6 +6,7 @@
 pub mod agent;
 pub mod clients;
 pub mod mock;
+pub mod sdk;
 pub mod streams;
 
 /// Whether kernel tests can run here. Outside CI, a non-root run skips them with a

@@ -10,6 +10,8 @@ use std::{
     time::Duration,
 };
 
+use std::{path::Path, process::Command, time::Instant};
+
 use rustls::{ServerConfig, ServerConnection, StreamOwned, pki_types::PrivateKeyDer};
 
 /// Writes a self-signed certificate for 127.0.0.1/localhost and its key as PEM files
@@ -147,3 +149,43 @@ fn read_request(tls: &mut impl Read, received: &mut Vec<u8>) -> Option<String> {
 fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
     haystack.windows(needle.len()).position(|w| w == needle)
 }
+
+/// The Python mock of the OpenAI, Anthropic and Gemini APIs (`tests/mock/llm_server.py`),
+/// served by hypercorn over HTTP/1.1 and HTTP/2 with known usage.
+pub struct MockLlm {
+    child: std::process::Child,
+    pub port: u16,
+}
+
+impl MockLlm {
+    pub fn start(cert: &Path, key: &Path) -> Self {
+        let dir = cert.parent().expect("cert dir");
+        let port_file = dir.join(format!("port-{}", std::process::id()));
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("mock/llm_server.py");
+        let mut child = Command::new("python3")
+            .arg(script)
+            .arg(cert)
+            .arg(key)
+            .arg(&port_file)
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start mock");
+        let start = Instant::now();
+        loop {
+            if let Some(port) = std::fs::read_to_string(&port_file).ok().and_then(|p| p.trim().parse().ok()) {
+                return Self { child, port };
+            }
+            assert!(child.try_wait().expect("wait").is_none(), "mock LLM server exited");
+            assert!(start.elapsed() < Duration::from_secs(20), "mock LLM server did not start");
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for MockLlm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+

@@ -2,13 +2,14 @@
 //! Python clients, and a local HTTPS mock of both APIs with known usage. `/metrics`
 //! must match what the mock served, token for token.
 
-use std::{path::Path, process::Command, thread, time::{Duration, Instant}};
+use std::{process::Command, thread, time::{Duration, Instant}};
 
 use gauge_tests::{
     agent::Daemon,
     clients,
     kernel_tests_enabled,
-    mock::write_certificate,
+    mock::{MockLlm, write_certificate},
+    sdk::{SDK_CALLS, SDK_HTTP2, SDK_OTHER_APIS},
 };
 
 /// Sum of the samples of `metric` whose labels include every `key="value"` pair.
@@ -21,60 +22,7 @@ fn sum(metrics: &str, metric: &str, labels: &[(&str, &str)]) -> f64 {
         .sum()
 }
 
-struct MockLlm {
-    child: std::process::Child,
-    port: u16,
-}
 
-impl MockLlm {
-    fn start(cert: &Path, key: &Path) -> Self {
-        let dir = cert.parent().expect("cert dir");
-        let port_file = dir.join(format!("port-{}", std::process::id()));
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("mock/llm_server.py");
-        let mut child = Command::new("python3")
-            .arg(script)
-            .arg(cert)
-            .arg(key)
-            .arg(&port_file)
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("start mock");
-        let start = Instant::now();
-        loop {
-            if let Some(port) = std::fs::read_to_string(&port_file).ok().and_then(|p| p.trim().parse().ok()) {
-                return Self { child, port };
-            }
-            assert!(child.try_wait().expect("wait").is_none(), "mock LLM server exited");
-            assert!(start.elapsed() < Duration::from_secs(20), "mock LLM server did not start");
-            thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-impl Drop for MockLlm {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-const SDK_CALLS: &str = r#"
-import os, anthropic, openai
-base = "https://127.0.0.1:%s" % os.environ["GAUGE_TEST_PORT"]
-msgs = [{"role": "user", "content": "hi"}]
-oa = openai.OpenAI(base_url=base + "/v1", api_key="sk-test-secret-0123456789abcdef")
-oa.chat.completions.create(model="gpt-4o-mini", messages=msgs)
-for _ in oa.chat.completions.create(model="gpt-4o-mini", messages=msgs, stream=True, stream_options={"include_usage": True}):
-    pass
-oa.chat.completions.create(model="fail-once-a", messages=msgs)
-for _ in oa.chat.completions.create(model="gpt-4o-mini-est", messages=msgs, stream=True):
-    pass
-an = anthropic.Anthropic(base_url=base, api_key="sk-ant-test-secret-0123456789abcdef")
-an.messages.create(model="claude-sonnet-4-5", max_tokens=64, messages=msgs)
-for _ in an.messages.create(model="claude-sonnet-4-5", max_tokens=64, messages=msgs, stream=True):
-    pass
-print("ok")
-"#;
 
 const CHAT_MODEL: &str = "gpt-4o-mini-2024-07-18";
 
@@ -149,19 +97,7 @@ fn official_sdks_over_http1_are_metered_exactly() {
     drop(mock);
 }
 
-const SDK_HTTP2: &str = r#"
-import os, anthropic, httpx2 as httpx, openai
-base = "https://127.0.0.1:%s" % os.environ["GAUGE_TEST_PORT"]
-msgs = [{"role": "user", "content": "hi"}]
-oa = openai.OpenAI(base_url=base + "/v1", api_key="sk-test-secret-0123456789abcdef", http_client=httpx.Client(http2=True))
-oa.chat.completions.create(model="gpt-4o-mini-h2", messages=msgs)
-for _ in oa.chat.completions.create(model="gpt-4o-mini-h2", messages=msgs, stream=True, stream_options={"include_usage": True}):
-    pass
-an = anthropic.Anthropic(base_url=base, api_key="sk-ant-test-secret-0123456789abcdef", http_client=httpx.Client(http2=True))
-for _ in an.messages.create(model="claude-h2", max_tokens=64, messages=msgs, stream=True):
-    pass
-print("ok")
-"#;
+
 
 #[test]
 fn curl_and_sdks_over_http2_are_metered_exactly() {
@@ -207,22 +143,7 @@ fn curl_and_sdks_over_http2_are_metered_exactly() {
     drop(mock);
 }
 
-const SDK_OTHER_APIS: &str = r#"
-import os, openai
-from google import genai
-from google.genai import types
-base = "https://127.0.0.1:%s" % os.environ["GAUGE_TEST_PORT"]
-oa = openai.OpenAI(base_url=base + "/v1", api_key="sk-test-secret-0123456789abcdef")
-oa.responses.create(model="gpt-5-mini", input="hi")
-for _ in oa.responses.create(model="gpt-5-mini", input="hi", stream=True):
-    pass
-oa.embeddings.create(model="text-embedding-3-small", input="hi")
-g = genai.Client(api_key="AIzaTestSecret0123456789abcdefghijklmno", http_options=types.HttpOptions(base_url=base))
-g.models.generate_content(model="gemini-2.5-flash", contents="hi")
-for _ in g.models.generate_content_stream(model="gemini-2.5-flash", contents="hi"):
-    pass
-print("ok")
-"#;
+
 
 #[test]
 fn responses_embeddings_and_gemini_are_metered_exactly() {
