@@ -187,3 +187,44 @@ fn responses_embeddings_and_gemini_are_metered_exactly() {
     assert!(!metrics.contains("AIzaTestSecret") && !daemon.log.text().contains("AIzaTestSecret"));
     drop(mock);
 }
+
+const NODE_STREAM: &str = r#"
+const https = require('https');
+process.stdin.once('data', () => {
+  const body = JSON.stringify({model: 'claude-node', max_tokens: 64, stream: true, messages: [{role: 'user', content: 'hi'}]});
+  const req = https.request({host: '127.0.0.1', port: Number(process.env.GAUGE_TEST_PORT), path: '/v1/messages', method: 'POST',
+    headers: {'content-type': 'application/json', 'x-api-key': 'sk-ant-test-secret-0123456789abcdef', 'anthropic-version': '2023-06-01'}}, res => {
+    res.on('data', () => {}); res.on('end', () => { console.log('ok'); process.exit(0); });
+  });
+  req.end(body);
+});
+"#;
+
+#[test]
+fn node_with_its_static_openssl_is_metered_exactly() {
+    if !kernel_tests_enabled("node end to end") {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (cert, key) = write_certificate(dir.path());
+    let mock = MockLlm::start(&cert, &key);
+    let mut daemon = Daemon::start("");
+    daemon.wait_healthy();
+    let mut cmd = clients::node(&cert, NODE_STREAM);
+    cmd.env("GAUGE_TEST_PORT", mock.port.to_string());
+    let node = clients::Held::start("node", &mut cmd);
+    // node carries OpenSSL in its executable: wait until the daemon has hooked it.
+    let start = Instant::now();
+    while !daemon.get("/targets").is_some_and(|(_, body)| body.contains("/usr/bin/node")) {
+        assert!(start.elapsed() < Duration::from_secs(20), "node was never hooked:\n{}", daemon.log.text());
+        thread::sleep(Duration::from_millis(50));
+    }
+    let out = node.go("node https");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "ok");
+    let anthropic = [("provider", "anthropic"), ("model", "claude-node-20250929")];
+    let metrics = wait_for(&daemon, &[(&anthropic, 1.0)]);
+    for (kind, want) in [("input", 9.0), ("cache_write", 3.0), ("cache_read", 4.0), ("output", 11.0)] {
+        assert_eq!(sum(&metrics, "gauge_llm_tokens_total", &with(&anthropic, &[("kind", kind)])), want, "{kind}\n{metrics}");
+    }
+    drop(mock);
+}
