@@ -42,6 +42,8 @@ pub struct LlmCall {
     pub body_hash: u64,
     /// The exchange was cut short (connection closed, evicted, bytes lost).
     pub incomplete: bool,
+    /// Recognised from bodies only (HTTP/2 headers not decodable): status unknown.
+    pub by_shape: bool,
 }
 
 /// Where a call's token counts come from.
@@ -111,6 +113,8 @@ pub struct CallTracker {
     request_text: String,
     /// Generated text seen so far, for the same reason.
     output_text: String,
+    /// Recognised from the request body, without headers.
+    by_shape: bool,
 }
 
 impl CallTracker {
@@ -138,7 +142,19 @@ impl CallTracker {
             error_type: None,
             request_text: String::new(),
             output_text: String::new(),
+            by_shape: false,
         }
+    }
+
+    /// A call recognised from its request body alone (see `providers::recognize_body`);
+    /// the body has been read already.
+    pub fn from_body(recognized: Recognized, body: &[u8], start_ns: u64) -> Self {
+        let head = RequestHead { method: "POST".into(), path: String::new(), headers: Default::default() };
+        let mut call = Self::new(recognized, &head, start_ns);
+        call.by_shape = true;
+        call.request_body(body);
+        call.request_end();
+        call
     }
 
     pub fn request_body(&mut self, bytes: &[u8]) {
@@ -187,6 +203,13 @@ impl CallTracker {
     }
 
     fn decoded_body(&mut self, bytes: &[u8], at_ns: u64) {
+        // Without a response head (headers not decodable), tell a stream by its bytes.
+        if self.by_shape && self.response.is_none() && self.sse.is_none() && self.body.is_empty() {
+            let start = bytes.trim_ascii_start();
+            if start.starts_with(b"data:") || start.starts_with(b"event:") || start.starts_with(b":") {
+                self.sse = Some(sse::Decoder::default());
+            }
+        }
         if let Some(decoder) = &mut self.sse {
             let mut events = Vec::new();
             decoder.feed(bytes, &mut events);
@@ -220,6 +243,14 @@ impl CallTracker {
 
     /// Takes model, usage and error from one envelope (body or stream event).
     fn absorb(&mut self, envelope: Envelope) {
+        // A call recognised by shape as chat may turn out to be Anthropic's Messages.
+        if self.by_shape
+            && self.recognized.endpoint == Endpoint::ChatCompletions
+            && matches!(envelope.kind.as_deref(), Some("message" | "message_start" | "message_delta"))
+        {
+            self.recognized.endpoint = Endpoint::Messages;
+            self.recognized.provider = Provider::Anthropic;
+        }
         if self.output_text.len() < MAX_TEXT {
             envelope.output_text(&mut self.output_text);
         }
@@ -269,6 +300,7 @@ impl CallTracker {
         let status = self.response.as_ref().map(|r| r.status);
         if self.error_type.is_none() {
             self.error_type = match status {
+                None if self.by_shape => None,
                 None => Some("no_response".into()),
                 Some(s) if s >= 400 => Some(format!("http_{s}")),
                 _ => None,
@@ -279,7 +311,7 @@ impl CallTracker {
             Reported::Raw(raw) => (Some(usage::from_raw(endpoint, raw)), UsageSource::Reported),
             Reported::Gemini(g) => (Some(usage::from_gemini(g)), UsageSource::Reported),
             // A provider bills the prompt of a call it answered, and what it streamed.
-            Reported::None if status.is_some_and(|s| (200..300).contains(&s)) => {
+            Reported::None if status.is_some_and(|s| (200..300).contains(&s)) || (self.by_shape && status.is_none()) => {
                 let model = self.response_model.as_deref().or(self.request_model.as_deref()).unwrap_or("");
                 let input = estimate::count(model, &self.request_text);
                 let output = estimate::count(model, &self.output_text);
@@ -308,6 +340,7 @@ impl CallTracker {
             retry_count: self.retry_count,
             body_hash: self.hasher.finish(),
             incomplete: !complete || self.body_cut || self.request_body_cut || self.undecodable,
+            by_shape: self.by_shape,
         }
     }
 }

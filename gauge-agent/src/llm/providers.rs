@@ -132,6 +132,28 @@ pub fn recognize(head: &RequestHead) -> Option<Recognized> {
     Some(Recognized { provider, endpoint, path_model, path_stream: false })
 }
 
+/// Recognises an LLM request by its JSON body alone, for HTTP/2 streams whose headers
+/// could not be decoded (attached mid-connection). The endpoint is a best guess:
+/// `messages` is taken for chat completions until the response shows Anthropic's
+/// envelope (see `CallTracker`).
+pub fn recognize_body(body: &serde_json::Value) -> Option<Recognized> {
+    let fields = body.as_object()?;
+    let (provider, endpoint) = if fields.contains_key("contents") {
+        (Provider::Gemini, Endpoint::GenerateContent)
+    } else if !fields.contains_key("model") {
+        return None;
+    } else if fields.contains_key("messages") {
+        (Provider::OpenAiCompatible, Endpoint::ChatCompletions)
+    } else if fields.contains_key("input") && fields.get("input").is_some_and(|i| !i.is_string() || fields.len() > 2) {
+        (Provider::OpenAiCompatible, Endpoint::Responses)
+    } else if fields.contains_key("input") {
+        (Provider::OpenAiCompatible, Endpoint::Embeddings)
+    } else {
+        return None;
+    };
+    Some(Recognized { provider, endpoint, path_model: None, path_stream: false })
+}
+
 /// `/v1beta/models/{model}:generateContent` or `:streamGenerateContent`.
 fn gemini_path(path: &str) -> Option<(String, bool)> {
     let (before, action) = path.rsplit_once(':')?;

@@ -118,7 +118,12 @@ impl LlmMetrics {
             provider: call.provider.label().to_owned(),
             model: call.model().to_owned(),
         };
-        let status = call.status.map_or_else(|| "error".to_owned(), |s| s.to_string());
+        let status = match call.status {
+            Some(s) => s.to_string(),
+            // Headers were not decodable: a response may well have come.
+            None if call.by_shape => "unknown".to_owned(),
+            None => "error".to_owned(),
+        };
         self.requests.get_or_create(&request_labels(&base, status)).inc();
         if retry {
             self.retries.get_or_create(&base).inc();
@@ -268,6 +273,7 @@ mod tests {
             retry_count: Some(1),
             body_hash: 0,
             incomplete: false,
+            by_shape: false,
         };
         metrics.record(&Metered { origin: Origin { tgid: 1, comm: "bot".into(), cgroup_id: 0 }, call }, true);
         let mut text = String::new();

@@ -71,6 +71,7 @@ mod tests {
                 retry_count,
                 body_hash: hash,
                 incomplete: false,
+                by_shape: false,
             },
         }
     }

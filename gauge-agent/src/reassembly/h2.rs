@@ -10,6 +10,8 @@ use crate::{
 
 /// Streams tracked per connection; more are counted and their calls dropped.
 const MAX_STREAMS: usize = 1024;
+/// Request body kept per undecodable stream to recognise it by shape.
+const MAX_SHAPE_BODY: usize = 1 << 20;
 
 pub(super) struct H2Connection {
     client: h2::Decoder,
@@ -44,15 +46,25 @@ impl H2Connection {
                     }
                 }
                 h2::Event::Data { stream, bytes, end_stream } => {
-                    if let Some(Pending::Llm(call)) = self.streams.get_mut(&stream) {
-                        call.request_body(&bytes);
+                    match self.streams.get_mut(&stream) {
+                        Some(Pending::Llm(call)) => call.request_body(&bytes),
+                        Some(Pending::Unknown { body, .. }) => {
+                            let room = MAX_SHAPE_BODY.saturating_sub(body.len());
+                            body.extend_from_slice(&bytes[..bytes.len().min(room)]);
+                        }
+                        _ => {}
                     }
                     if end_stream {
                         self.request_end(stream);
                     }
                 }
                 h2::Event::Reset { stream } => self.end_stream(stream, at, false, origin, out),
-                h2::Event::HpackDesync { .. } => drops.hpack_desyncs += 1,
+                h2::Event::HpackDesync { stream } => {
+                    drops.hpack_desyncs += 1;
+                    if self.streams.len() < MAX_STREAMS {
+                        self.streams.entry(stream).or_insert_with(|| Pending::Unknown { body: Vec::new(), start: at });
+                    }
+                }
                 h2::Event::GoAway => {}
             }
         }
@@ -97,8 +109,18 @@ impl H2Connection {
     }
 
     fn request_end(&mut self, stream: u32) {
-        if let Some(Pending::Llm(call)) = self.streams.get_mut(&stream) {
-            call.request_end();
+        match self.streams.get_mut(&stream) {
+            Some(Pending::Llm(call)) => call.request_end(),
+            Some(pending @ Pending::Unknown { .. }) => {
+                let Pending::Unknown { body, start } = std::mem::replace(pending, Pending::Other) else { return };
+                let recognized = serde_json::from_slice::<serde_json::Value>(&body)
+                    .ok()
+                    .and_then(|json| providers::recognize_body(&json));
+                if let Some(recognized) = recognized {
+                    *pending = Pending::Llm(Box::new(CallTracker::from_body(recognized, &body, start)));
+                }
+            }
+            _ => {}
         }
     }
 

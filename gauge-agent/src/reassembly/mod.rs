@@ -87,6 +87,9 @@ pub struct Metered {
 
 enum Pending {
     Llm(Box<CallTracker>),
+    /// An HTTP/2 stream whose headers could not be decoded: its request body is kept
+    /// (bounded) to recognise the call by shape when it ends.
+    Unknown { body: Vec<u8>, start: u64 },
     Other,
 }
 

@@ -309,4 +309,28 @@ mod http2 {
         assert!(calls[0].call.incomplete && calls[0].call.status.is_none());
         assert_eq!(r.drops().hpack_desyncs, 1);
     }
+
+    #[test]
+    fn after_a_late_attach_calls_are_still_metered_from_their_bodies() {
+        // Encoders that have already indexed headers the agent never saw.
+        let (mut client, mut server) = (loona_hpack::Encoder::new(), loona_hpack::Encoder::new());
+        let fields = [(":method", "POST"), (":path", "/v1/messages"), (":authority", "api.anthropic.com")];
+        let _ = headers(&mut client, &fields);
+        let _ = headers(&mut server, &[(":status", "200"), ("content-type", "text/event-stream")]);
+        let mut writes = frame(1, 0x4, 9, &headers(&mut client, &fields));
+        writes.extend(frame(0, 0x1, 9, br#"{"model":"claude-sonnet-4-5","max_tokens":64,"stream":true,"messages":[{"role":"user","content":"hi"}]}"#));
+        let mut reads = frame(1, 0x4, 9, &headers(&mut server, &[(":status", "200"), ("content-type", "text/event-stream")]));
+        reads.extend(frame(0, 0, 9, b"event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"model\":\"claude-sonnet-4-5\",\"usage\":{\"input_tokens\":7,\"cache_read_input_tokens\":3,\"output_tokens\":1}}}\n\n"));
+        reads.extend(frame(0, 0x1, 9, b"event: message_delta\ndata: {\"type\":\"message_delta\",\"usage\":{\"output_tokens\":12}}\n\n"));
+        let mut cap = Capture::new();
+        cap.data(4, Direction::Write, &writes, 4096).data(4, Direction::Read, &reads, 7);
+        let (calls, r) = cap.replay(Limits::default());
+        assert_eq!(r.drops().hpack_desyncs, 2);
+        assert_eq!(calls.len(), 1);
+        let c = &calls[0].call;
+        assert!(c.by_shape && c.status.is_none());
+        assert_eq!((c.provider, c.endpoint), (Provider::Anthropic, Endpoint::Messages), "told apart by the response envelope");
+        assert_eq!(c.usage, Some(Usage { input: 7, cache_read: 3, cache_write: 0, output: 12, reasoning: 0 }));
+        assert_eq!(c.usage_source, crate::llm::UsageSource::Reported);
+    }
 }
