@@ -53,3 +53,17 @@ for _ in g.models.generate_content_stream(model="gemini-2.5-flash", contents="hi
     pass
 print("ok")
 "#;
+
+/// node's own `https` (OpenSSL linked into the executable): a streamed Anthropic
+/// message with model `claude-node`. Waits for a line on stdin before connecting.
+pub const NODE_ANTHROPIC_STREAM: &str = r#"
+const https = require('https');
+process.stdin.once('data', () => {
+  const body = JSON.stringify({model: 'claude-node', max_tokens: 64, stream: true, messages: [{role: 'user', content: 'hi'}]});
+  const req = https.request({host: '127.0.0.1', port: Number(process.env.GAUGE_TEST_PORT), path: '/v1/messages', method: 'POST',
+    headers: {'content-type': 'application/json', 'x-api-key': 'sk-ant-test-secret-0123456789abcdef', 'anthropic-version': '2023-06-01'}}, res => {
+    res.on('data', () => {}); res.on('end', () => { console.log('ok'); process.exit(0); });
+  });
+  req.end(body);
+});
+"#;

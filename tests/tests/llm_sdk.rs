@@ -9,7 +9,7 @@ use gauge_tests::{
     clients,
     kernel_tests_enabled,
     mock::{MockLlm, write_certificate},
-    sdk::{SDK_CALLS, SDK_HTTP2, SDK_OTHER_APIS},
+    sdk::{NODE_ANTHROPIC_STREAM, SDK_CALLS, SDK_HTTP2, SDK_OTHER_APIS},
 };
 
 /// Sum of the samples of `metric` whose labels include every `key="value"` pair.
@@ -188,17 +188,7 @@ fn responses_embeddings_and_gemini_are_metered_exactly() {
     drop(mock);
 }
 
-const NODE_STREAM: &str = r#"
-const https = require('https');
-process.stdin.once('data', () => {
-  const body = JSON.stringify({model: 'claude-node', max_tokens: 64, stream: true, messages: [{role: 'user', content: 'hi'}]});
-  const req = https.request({host: '127.0.0.1', port: Number(process.env.GAUGE_TEST_PORT), path: '/v1/messages', method: 'POST',
-    headers: {'content-type': 'application/json', 'x-api-key': 'sk-ant-test-secret-0123456789abcdef', 'anthropic-version': '2023-06-01'}}, res => {
-    res.on('data', () => {}); res.on('end', () => { console.log('ok'); process.exit(0); });
-  });
-  req.end(body);
-});
-"#;
+
 
 #[test]
 fn node_with_its_static_openssl_is_metered_exactly() {
@@ -210,7 +200,7 @@ fn node_with_its_static_openssl_is_metered_exactly() {
     let mock = MockLlm::start(&cert, &key);
     let mut daemon = Daemon::start("");
     daemon.wait_healthy();
-    let mut cmd = clients::node(&cert, NODE_STREAM);
+    let mut cmd = clients::node(&cert, NODE_ANTHROPIC_STREAM);
     cmd.env("GAUGE_TEST_PORT", mock.port.to_string());
     let node = clients::Held::start("node", &mut cmd);
     // node carries OpenSSL in its executable: wait until the daemon has hooked it.

@@ -93,6 +93,14 @@ fn record_fixtures() {
         .args(["-d", r#"{"model":"gpt-4o-mini","stream":true,"stream_options":{"include_usage":true},"messages":[]}"#])
         .arg(format!("https://127.0.0.1:{port}/v1/chat/completions"));
     runs.push(("curl_http2_stream", clients::run("curl", &mut curl).0));
+    // node, with OpenSSL in its executable: held until the recorder has hooked it.
+    let mut node = clients::node(&cert, sdk::NODE_ANTHROPIC_STREAM);
+    node.env("GAUGE_TEST_PORT", &port);
+    let node = clients::Held::start("node", &mut node);
+    let node_pid = node.pid();
+    recorder.log.wait_for(&["attached", "/usr/bin/node"], Duration::from_secs(20));
+    node.go("node https");
+    runs.push(("node_https_anthropic_stream", node_pid));
     thread::sleep(Duration::from_secs(1));
     let events = recorder.events();
     recorder.stop();
