@@ -194,6 +194,15 @@ impl CallTracker {
         if bytes.is_empty() || self.undecodable {
             return;
         }
+        if self.first_byte_ns.is_none() && self.by_shape && self.response.is_none() {
+            // No headers to name the encoding: recognise gzip and zstd by their magic.
+            let encoding = match bytes {
+                [0x1f, 0x8b, ..] => Some("gzip"),
+                [0x28, 0xb5, 0x2f, 0xfd, ..] => Some("zstd"),
+                _ => None,
+            };
+            self.encoding = encoding.and_then(|e| ContentDecoder::for_encoding(Some(e)).ok());
+        }
         self.first_byte_ns.get_or_insert(at_ns);
         match self.encoding.as_mut().map(|d| d.decode(bytes)) {
             None => self.decoded_body(bytes, at_ns),

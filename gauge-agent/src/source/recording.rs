@@ -12,7 +12,10 @@ use std::{
 use base64::{Engine as _, engine::general_purpose::STANDARD as B64};
 use serde::{Deserialize, Serialize};
 
-use super::{CaptureEvent, Direction, Payload, redact::StreamRedactor};
+use super::{
+    CaptureEvent, Direction, Payload,
+    redact::{H2HeaderBlanker, StreamRedactor},
+};
 
 pub const FORMAT: &str = "gauge-recording";
 pub const VERSION: u32 = 1;
@@ -66,7 +69,13 @@ pub enum RecordingError {
 pub struct Writer<W: Write> {
     out: W,
     redact: bool,
-    redactors: HashMap<(u32, u64, Direction), StreamRedactor>,
+    redactors: HashMap<(u32, u64, Direction), Redactor>,
+}
+
+/// How one direction of a connection is redacted, decided by its first bytes.
+enum Redactor {
+    Http1(StreamRedactor),
+    Http2(H2HeaderBlanker),
 }
 
 impl<W: Write> Writer<W> {
@@ -83,7 +92,7 @@ impl<W: Write> Writer<W> {
             Payload::Data { direction, connection, call_len, offset, bytes } => {
                 let mut bytes = bytes.clone();
                 if self.redact {
-                    self.redactors.entry((event.tgid, *connection, *direction)).or_default().redact(&mut bytes);
+                    self.redact_chunk(event.tgid, *connection, *direction, &mut bytes);
                 }
                 let (conn, call_len, offset, data) = (*connection, *call_len, *offset, B64.encode(&bytes));
                 match direction {
@@ -110,6 +119,31 @@ impl<W: Write> Writer<W> {
         serde_json::to_writer(&mut self.out, &line).map_err(std::io::Error::from)?;
         self.out.write_all(b"\n")?;
         Ok(())
+    }
+
+    fn redact_chunk(&mut self, tgid: u32, connection: u64, direction: Direction, bytes: &mut [u8]) {
+        let key = (tgid, connection, direction);
+        if !self.redactors.contains_key(&key) {
+            // HTTP/2 is known from the client's preface; the read side follows it.
+            let preface = crate::http::h2::PREFACE;
+            let client_h2 = direction == Direction::Write && bytes.starts_with(&preface[..bytes.len().min(preface.len())]);
+            let server_h2 = direction == Direction::Read
+                && matches!(self.redactors.get(&(tgid, connection, Direction::Write)), Some(Redactor::Http2(_)));
+            let redactor = if client_h2 || server_h2 {
+                Redactor::Http2(H2HeaderBlanker::new(client_h2))
+            } else {
+                Redactor::Http1(StreamRedactor::default())
+            };
+            self.redactors.insert(key, redactor);
+        }
+        match self.redactors.get_mut(&key) {
+            Some(Redactor::Http1(r)) => r.redact(bytes),
+            Some(Redactor::Http2(r)) => {
+                r.redact(bytes);
+                super::redact::redact_tokens(bytes);
+            }
+            None => {}
+        }
     }
 
     pub fn flush(&mut self) -> Result<(), RecordingError> {

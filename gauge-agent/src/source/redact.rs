@@ -8,8 +8,11 @@
 //! - Key-shaped tokens anywhere (`sk-...`, `AIza...`) are replaced too. A token split
 //!   across two chunks is only caught in the chunk holding its prefix.
 //!
-//! HTTP/2 header blocks are HPACK-compressed: Huffman-coded values are not plaintext,
-//! and raw literal values are caught by the token pass.
+//! HTTP/2 header blocks are HPACK-compressed: credentials in them are Huffman-coded,
+//! invisible to both passes but decodable by anyone. So on HTTP/2 connections every
+//! header block is blanked whole ([`H2HeaderBlanker`]), keeping frame lengths, padding
+//! and priority fields. A replay then sees undecodable header blocks and meters those
+//! streams from their bodies, as after a mid-connection attach.
 
 use std::sync::LazyLock;
 
@@ -78,6 +81,60 @@ impl StreamRedactor {
     }
 }
 
+/// Blanks the header blocks of one direction of an HTTP/2 connection, fed in chunks.
+#[derive(Debug, Clone)]
+pub struct H2HeaderBlanker {
+    /// Bytes of the client preface still to pass untouched.
+    preface_left: usize,
+    header: [u8; 9],
+    header_len: usize,
+    /// Payload bytes of the current frame still to come.
+    payload_left: u32,
+    /// Payload bytes at the frame's start to keep (pad length, priority, promised id).
+    keep: u32,
+    blank: bool,
+}
+
+impl H2HeaderBlanker {
+    /// `client`: the direction starts with the connection preface.
+    pub fn new(client: bool) -> Self {
+        let preface_left = if client { crate::http::h2::PREFACE.len() } else { 0 };
+        Self { preface_left, header: [0; 9], header_len: 0, payload_left: 0, keep: 0, blank: false }
+    }
+
+    pub fn redact(&mut self, bytes: &mut [u8]) {
+        for byte in bytes.iter_mut() {
+            if self.preface_left > 0 {
+                self.preface_left -= 1;
+            } else if self.payload_left > 0 {
+                self.payload_left -= 1;
+                if self.keep > 0 {
+                    self.keep -= 1;
+                } else if self.blank {
+                    // 0xFF starts an HPACK integer that never ends: the block cannot decode.
+                    *byte = 0xff;
+                }
+            } else {
+                self.header[self.header_len] = *byte;
+                self.header_len += 1;
+                if self.header_len == 9 {
+                    self.header_len = 0;
+                    let h = self.header;
+                    self.payload_left = (u32::from(h[0]) << 16) | (u32::from(h[1]) << 8) | u32::from(h[2]);
+                    let (kind, flags) = (h[3], h[4]);
+                    let padded = u32::from(flags & 0x8 != 0);
+                    (self.blank, self.keep) = match kind {
+                        1 => (true, padded + if flags & 0x20 != 0 { 5 } else { 0 }),
+                        5 => (true, padded + 4),
+                        9 => (true, 0),
+                        _ => (false, 0),
+                    };
+                }
+            }
+        }
+    }
+}
+
 /// Replaces key-shaped tokens with `*`, keeping their prefix so a reader sees what
 /// kind of key was there.
 pub fn redact_tokens(bytes: &mut [u8]) {
@@ -128,6 +185,36 @@ mod tests {
         assert!(!out.contains("ABCDEFGHIJ"), "{out}");
         assert!(out.contains("sk-*******"));
         assert!(out.contains("AIza*****"));
+    }
+
+    #[test]
+    fn http2_header_blocks_are_blanked_and_frames_kept() {
+        use crate::http::h2::{Decoder, Event, PREFACE};
+        let mut enc = loona_hpack::Encoder::new();
+        let block = enc.encode([(&b":method"[..], &b"POST"[..]), (b":path", b"/v1/messages"), (b"authorization", b"Bearer sk-secret-value")]);
+        let frame = |kind: u8, flags: u8, payload: &[u8]| {
+            let mut f = vec![0, (payload.len() >> 8) as u8, payload.len() as u8, kind, flags, 0, 0, 0, 1];
+            f.extend_from_slice(payload);
+            f
+        };
+        let mut padded = vec![2u8];
+        padded.extend_from_slice(&block);
+        padded.extend_from_slice(&[0, 0]);
+        let mut bytes = PREFACE.to_vec();
+        bytes.extend(frame(1, 0x4 | 0x8, &padded));
+        bytes.extend(frame(0, 0x1, b"{\"model\":\"m\"}"));
+        let original = bytes.clone();
+        let mut blanker = H2HeaderBlanker::new(true);
+        for chunk in bytes.chunks_mut(5) {
+            blanker.redact(chunk);
+        }
+        assert_eq!(bytes.len(), original.len());
+        assert!(!bytes.windows(block.len()).any(|w| w == block.as_slice()), "the header block is gone");
+        let mut decoder = Decoder::new(true, true);
+        let mut events = Vec::new();
+        decoder.feed(&bytes, &mut events).expect("frames still parse");
+        assert_eq!(events[0], Event::HpackDesync { stream: 1 });
+        assert!(matches!(&events[1], Event::Data { bytes, .. } if bytes.as_slice() == b"{\"model\":\"m\"}"));
     }
 
     #[test]
