@@ -141,6 +141,8 @@ impl LlmMetrics {
                 }
                 self.reasoning.get_or_create(&reasoning_labels(&base, source)).inc_by(usage.reasoning);
             }
+            // An error answer (429, 500...) bills nothing: there is nothing to miss.
+            None if call.status.is_some_and(|s| s >= 300) => {}
             None => {
                 let reason = if call.incomplete { "incomplete" } else { "no_usage" };
                 self.unmetered.get_or_create(&UnmeteredLabels { provider: base.provider.clone(), reason }).inc();
