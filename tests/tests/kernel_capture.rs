@@ -21,6 +21,13 @@ fn captured_exchanges(recorder: &Recorder, pid: u32, expected: &[Exchange]) -> V
     streams(&events, pid).into_values().collect()
 }
 
+/// The server's only connection was captured byte for byte from process `pid`.
+fn assert_one_exchange_captured(recorder: &Recorder, server: &MockTls, pid: u32) {
+    let exchanges = server.wait_exchanges(1);
+    let captured = captured_exchanges(recorder, pid, &exchanges);
+    assert_same(captured.iter().find(|s| s.written == exchanges[0].received).expect("stream"), &exchanges[0]);
+}
+
 fn assert_same(stream: &Stream, exchange: &Exchange) {
     assert_eq!(stream.written, exchange.received, "captured request differs from what the server received");
     assert_eq!(stream.read, exchange.sent, "captured response differs from what the server sent");
@@ -73,9 +80,7 @@ fn python_ssl_ex_calls_are_captured_byte_for_byte() {
     let recorder = shared_recorder();
     // A 300 KiB response arrives over many SSL_read_ex calls.
     let pid = python_post(&server, "/size/307200", 4096);
-    let exchanges = server.wait_exchanges(1);
-    let captured = captured_exchanges(recorder, pid, &exchanges);
-    assert_same(captured.iter().find(|s| s.written == exchanges[0].received).expect("stream"), &exchanges[0]);
+    assert_one_exchange_captured(recorder, &server, pid);
 }
 
 #[test]
@@ -188,9 +193,7 @@ fn node_static_openssl_of_a_running_process_is_hooked() {
     recorder.log.wait_for(&["attached", "/usr/bin/node"], std::time::Duration::from_secs(10));
     let out = node.go("node https");
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "5000");
-    let exchanges = server.wait_exchanges(1);
-    let captured = captured_exchanges(&recorder, pid, &exchanges);
-    assert_same(captured.iter().find(|s| s.written == exchanges[0].received).expect("stream"), &exchanges[0]);
+    assert_one_exchange_captured(&recorder, &server, pid);
     recorder.stop();
 }
 
@@ -206,9 +209,7 @@ fn node_started_after_the_agent_is_hooked_at_exec() {
     // The exec event leads discovery to node's executable.
     recorder.log.wait_for(&["attached", "/usr/bin/node"], std::time::Duration::from_secs(10));
     node.go("node https");
-    let exchanges = server.wait_exchanges(1);
-    let captured = captured_exchanges(&recorder, pid, &exchanges);
-    assert_same(captured.iter().find(|s| s.written == exchanges[0].received).expect("stream"), &exchanges[0]);
+    assert_one_exchange_captured(&recorder, &server, pid);
     recorder.stop();
 }
 
@@ -310,8 +311,6 @@ fn a_private_libssl_copy_in_another_mount_namespace_is_found_and_hooked() {
     recorder.log.wait_for(&["attached", "libssl.so.3", &format!("pid: {pid}")], std::time::Duration::from_secs(15));
     let out = python.go("python in its own mount namespace");
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "777");
-    let exchanges = server.wait_exchanges(1);
-    let captured = captured_exchanges(&recorder, pid, &exchanges);
-    assert_same(captured.iter().find(|s| s.written == exchanges[0].received).expect("stream"), &exchanges[0]);
+    assert_one_exchange_captured(&recorder, &server, pid);
     recorder.stop();
 }

@@ -17,17 +17,53 @@ pub enum EncodingError {
     TooLarge,
 }
 
-enum Inner {
-    Identity,
-    Gzip(flate2::write::GzDecoder<Vec<u8>>),
-    Deflate(flate2::write::ZlibDecoder<Vec<u8>>),
-    Brotli(Box<brotli::DecompressorWriter<Vec<u8>>>),
-    Zstd(zstd::stream::write::Decoder<'static, Vec<u8>>),
+/// A streaming decompressor that writes its output into a `Vec`.
+trait Sink: Write + Send {
+    fn output(&mut self) -> &mut Vec<u8>;
+    /// The input ended: emit what is still held.
+    fn end(&mut self) -> std::io::Result<()>;
+}
+
+impl Sink for flate2::write::GzDecoder<Vec<u8>> {
+    fn output(&mut self) -> &mut Vec<u8> {
+        self.get_mut()
+    }
+    fn end(&mut self) -> std::io::Result<()> {
+        self.try_finish()
+    }
+}
+
+impl Sink for flate2::write::ZlibDecoder<Vec<u8>> {
+    fn output(&mut self) -> &mut Vec<u8> {
+        self.get_mut()
+    }
+    fn end(&mut self) -> std::io::Result<()> {
+        self.try_finish()
+    }
+}
+
+impl Sink for brotli::DecompressorWriter<Vec<u8>> {
+    fn output(&mut self) -> &mut Vec<u8> {
+        self.get_mut()
+    }
+    fn end(&mut self) -> std::io::Result<()> {
+        self.flush()
+    }
+}
+
+impl Sink for zstd::stream::write::Decoder<'static, Vec<u8>> {
+    fn output(&mut self) -> &mut Vec<u8> {
+        self.get_mut()
+    }
+    fn end(&mut self) -> std::io::Result<()> {
+        self.flush()
+    }
 }
 
 /// Decoder for one body.
 pub struct ContentDecoder {
-    inner: Inner,
+    /// `None` for identity.
+    sink: Option<Box<dyn Sink>>,
     name: &'static str,
     decoded: usize,
 }
@@ -36,47 +72,39 @@ impl ContentDecoder {
     /// A decoder for the `Content-Encoding` header value (`None`: identity).
     pub fn for_encoding(encoding: Option<&str>) -> Result<Self, EncodingError> {
         let encoding = encoding.map(|e| e.trim().to_ascii_lowercase()).unwrap_or_default();
-        let (inner, name) = match encoding.as_str() {
-            "" | "identity" => (Inner::Identity, "identity"),
-            "gzip" | "x-gzip" => (Inner::Gzip(flate2::write::GzDecoder::new(Vec::new())), "gzip"),
-            "deflate" => (Inner::Deflate(flate2::write::ZlibDecoder::new(Vec::new())), "deflate"),
-            "br" => (Inner::Brotli(Box::new(brotli::DecompressorWriter::new(Vec::new(), 4096))), "br"),
+        let (sink, name): (Option<Box<dyn Sink>>, _) = match encoding.as_str() {
+            "" | "identity" => (None, "identity"),
+            "gzip" | "x-gzip" => (Some(Box::new(flate2::write::GzDecoder::new(Vec::new()))), "gzip"),
+            "deflate" => (Some(Box::new(flate2::write::ZlibDecoder::new(Vec::new()))), "deflate"),
+            "br" => (Some(Box::new(brotli::DecompressorWriter::new(Vec::new(), 4096))), "br"),
             "zstd" => {
                 let decoder = zstd::stream::write::Decoder::new(Vec::new())
                     .map_err(|e| EncodingError::Corrupt { encoding: "zstd", reason: e.to_string() })?;
-                (Inner::Zstd(decoder), "zstd")
+                (Some(Box::new(decoder)), "zstd")
             }
             other => return Err(EncodingError::Unsupported(other.to_owned())),
         };
-        Ok(Self { inner, name, decoded: 0 })
+        Ok(Self { sink, name, decoded: 0 })
     }
 
     pub fn is_identity(&self) -> bool {
-        matches!(self.inner, Inner::Identity)
+        self.sink.is_none()
+    }
+
+    fn corrupt(&self, e: std::io::Error) -> EncodingError {
+        EncodingError::Corrupt { encoding: self.name, reason: e.to_string() }
     }
 
     /// Decodes the next piece of the body; returns what became available.
     pub fn decode(&mut self, input: &[u8]) -> Result<Vec<u8>, EncodingError> {
-        let name = self.name;
-        let corrupt = |e: std::io::Error| EncodingError::Corrupt { encoding: name, reason: e.to_string() };
-        let out = match &mut self.inner {
-            Inner::Identity => input.to_vec(),
-            Inner::Gzip(d) => {
-                d.write_all(input).map_err(corrupt)?;
-                std::mem::take(d.get_mut())
-            }
-            Inner::Deflate(d) => {
-                d.write_all(input).map_err(corrupt)?;
-                std::mem::take(d.get_mut())
-            }
-            Inner::Brotli(d) => {
-                d.write_all(input).map_err(corrupt)?;
-                std::mem::take(d.get_mut())
-            }
-            Inner::Zstd(d) => {
-                d.write_all(input).map_err(corrupt)?;
-                d.flush().map_err(corrupt)?;
-                std::mem::take(d.get_mut())
+        let out = match &mut self.sink {
+            None => input.to_vec(),
+            Some(sink) => {
+                // zstd holds output back until flushed; the others flush as a no-op.
+                let written = sink.write_all(input).and_then(|()| sink.flush());
+                let out = std::mem::take(sink.output());
+                written.map_err(|e| self.corrupt(e))?;
+                out
             }
         };
         self.decoded += out.len();
@@ -88,27 +116,10 @@ impl ContentDecoder {
 
     /// The body ended: whatever the decoder still held.
     pub fn finish(&mut self) -> Result<Vec<u8>, EncodingError> {
-        let name = self.name;
-        let corrupt = |e: std::io::Error| EncodingError::Corrupt { encoding: name, reason: e.to_string() };
-        let out = match &mut self.inner {
-            Inner::Identity => Vec::new(),
-            Inner::Gzip(d) => {
-                d.try_finish().map_err(corrupt)?;
-                std::mem::take(d.get_mut())
-            }
-            Inner::Deflate(d) => {
-                d.try_finish().map_err(corrupt)?;
-                std::mem::take(d.get_mut())
-            }
-            Inner::Brotli(d) => {
-                d.flush().map_err(corrupt)?;
-                std::mem::take(d.get_mut())
-            }
-            Inner::Zstd(d) => {
-                d.flush().map_err(corrupt)?;
-                std::mem::take(d.get_mut())
-            }
-        };
+        let Some(sink) = &mut self.sink else { return Ok(Vec::new()) };
+        let ended = sink.end();
+        let out = std::mem::take(sink.output());
+        ended.map_err(|e| self.corrupt(e))?;
         self.decoded += out.len();
         Ok(out)
     }
