@@ -4,8 +4,9 @@
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use gauge_agent::{
+    attribution::process::NoProcesses,
+    config::Config,
     pipeline::Pipeline,
-    reassembly::Limits,
     source::{CaptureEvent, Direction, Payload},
 };
 use prometheus_client::registry::Registry;
@@ -49,6 +50,7 @@ fn capture(calls: usize, chunks: usize) -> (Vec<CaptureEvent>, usize) {
     (events, bytes)
 }
 
+#[allow(clippy::expect_used, reason = "a benchmark whose set-up fails must stop, not measure nothing")]
 fn pipeline(c: &mut Criterion) {
     let (events, bytes) = capture(100, 300);
     println!("{bytes} bytes in 100 calls: {} bytes per call", bytes / 100);
@@ -57,7 +59,7 @@ fn pipeline(c: &mut Criterion) {
     group.bench_function("http1_sse_chat_100_calls_of_300_chunks", |b| {
         b.iter(|| {
             let mut registry = Registry::default();
-            let mut p = Pipeline::new(Limits::default(), &mut registry);
+            let mut p = Pipeline::new(&Config::default(), Box::new(NoProcesses), || 0, &mut registry).expect("pipeline");
             let mut calls = 0;
             for e in &events {
                 calls += p.feed(e).len();

@@ -14,7 +14,9 @@ use prometheus_client::registry::Registry;
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
+    attribution::{Attributor, container::MetadataRoots, process::ProcFs},
     config::Config,
+    metering::outcomes::OutcomeReport,
     pipeline::Pipeline,
     export::{
         metrics::CaptureCollector,
@@ -29,8 +31,13 @@ pub async fn run(config: Config, listen: Option<SocketAddr>) -> anyhow::Result<(
     let capture = CaptureState::new();
     let mut registry = Registry::default();
     CaptureCollector::register(&mut registry, capture.clone());
-    let mut pipeline = Pipeline::new(config.reassembly_limits(), &mut registry);
-    let state = ServerState::new(registry, &capture);
+    let processes = ProcFs::new(
+        config.attribution.host_root.join("proc"),
+        MetadataRoots::under(&config.attribution.host_root),
+        Attributor::env_names(&config.attribution, &config.agents),
+    );
+    let mut pipeline = Pipeline::new(&config, Box::new(processes), monotonic_ns, &mut registry)?;
+    let state = ServerState::new(registry, &capture, pipeline.outcomes());
     let serve = server::bind(listen.unwrap_or(config.server.listen), state.clone()).await?;
     let mut serve = tokio::spawn(serve);
 
@@ -45,11 +52,12 @@ pub async fn run(config: Config, listen: Option<SocketAddr>) -> anyhow::Result<(
         tokio::select! {
             event = events.recv() => match event {
                 Some(event) => {
-                    for m in pipeline.feed(&event) {
-                        let c = &m.call;
+                    for done in pipeline.feed(&event) {
+                        let (c, who) = (&done.metered.call, &done.who);
                         tracing::debug!(
-                            pid = m.origin.tgid, provider = c.provider.label(), model = c.model(), status = ?c.status,
-                            usage = ?c.usage, incomplete = c.incomplete, "LLM call"
+                            pid = who.pid, exe = %who.exe, agent = %who.agent, workflow = %who.workflow,
+                            provider = c.provider.label(), model = c.model(), status = ?c.status,
+                            usage = ?c.usage, cost_usd = done.cost.map(|c| c.usd()), incomplete = c.incomplete, "LLM call"
                         );
                     }
                 }
@@ -181,6 +189,34 @@ fn require_root(command: &str) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// `gauge-agent outcome`: reports an outcome to the running daemon.
+pub fn outcome(listen: SocketAddr, report: &OutcomeReport) -> anyhow::Result<()> {
+    report.validate()?;
+    let url = format!("http://{listen}/v1/outcomes");
+    let body = serde_json::json!({"agent": report.agent, "outcome": report.outcome, "count": report.count, "value": report.value});
+    let response = ureq::post(&url)
+        .config()
+        .http_status_as_error(false)
+        .build()
+        .header("content-type", "application/json")
+        .send(body.to_string())
+        .with_context(|| format!("cannot reach the daemon at {listen}: is `gauge-agent run` running? (use --listen if it listens elsewhere)"))?;
+    let status = response.status();
+    let text = response.into_body().read_to_string().unwrap_or_default();
+    if !status.is_success() {
+        bail!("the daemon refused the outcome ({status}): {}", text.trim());
+    }
+    Ok(())
+}
+
+/// CLOCK_MONOTONIC, the clock of captured events.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: valid pointer to a timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    u64::try_from(ts.tv_sec).unwrap_or(0).saturating_mul(1_000_000_000).saturating_add(u64::try_from(ts.tv_nsec).unwrap_or(0))
 }
 
 fn realtime_offset_ns() -> i128 {

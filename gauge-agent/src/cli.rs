@@ -52,6 +52,25 @@ pub enum Command {
         #[arg(long, env = "GAUGE_CONFIG")]
         config: Option<PathBuf>,
     },
+    /// Report what an agent achieved, for gauge_outcomes_total and
+    /// gauge_cost_per_outcome_usd (e.g. from a ticketing hook or a batch script).
+    Outcome {
+        /// The agent, as in the `agent` label.
+        #[arg(long)]
+        agent: String,
+        /// The outcome's name, e.g. resolved_ticket.
+        #[arg(long)]
+        name: String,
+        /// How many.
+        #[arg(long, default_value_t = 1)]
+        count: u64,
+        /// What they were worth in all (any unit you choose, e.g. USD).
+        #[arg(long)]
+        value: Option<f64>,
+        /// Address of the running daemon.
+        #[arg(long, default_value = "127.0.0.1:9977")]
+        listen: SocketAddr,
+    },
     /// Validate a config file and print the effective configuration's errors, if any.
     CheckConfig {
         /// The file to check.

@@ -6,6 +6,8 @@ use std::{net::SocketAddr, path::{Path, PathBuf}};
 use serde::Deserialize;
 
 use crate::{
+    attribution::{AttributionConfig, rules::AgentRule},
+    metering::{cardinality::LabelLimits, outcomes::OutcomesConfig, prices::PriceEntry},
     reassembly::Limits,
     source::{kernel::LoadOptions, runtime::CaptureOptions},
 };
@@ -13,7 +15,7 @@ use crate::{
 /// The configuration used when no `--config` is given.
 pub const DEFAULT_TOML: &str = include_str!("../default.toml");
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     #[serde(default)]
@@ -22,6 +24,47 @@ pub struct Config {
     pub capture: Capture,
     #[serde(default)]
     pub http: Http,
+    #[serde(default)]
+    pub attribution: AttributionConfig,
+    /// `[[agents]]`: first match wins.
+    #[serde(default)]
+    pub agents: Vec<AgentRule>,
+    /// `[[prices]]`: add to or override the embedded price table.
+    #[serde(default)]
+    pub prices: Vec<PriceEntry>,
+    #[serde(default)]
+    pub outcomes: OutcomesConfig,
+    /// `[labels]`: most distinct values per label.
+    #[serde(default)]
+    pub labels: LabelLimits,
+}
+
+/// A regular expression, compiled (and so checked) while the config is read, so
+/// that a bad one is reported with its line and key.
+#[derive(Debug, Clone)]
+pub struct Pattern(regex::Regex);
+
+impl<'de> Deserialize<'de> for Pattern {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        regex::Regex::new(&text)
+            .map(Pattern)
+            .map_err(|e| serde::de::Error::custom(format!("invalid regular expression {text:?}: {e}")))
+    }
+}
+
+impl PartialEq for Pattern {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.as_str() == other.0.as_str()
+    }
+}
+
+impl std::ops::Deref for Pattern {
+    type Target = regex::Regex;
+
+    fn deref(&self) -> &regex::Regex {
+        &self.0
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -71,7 +114,7 @@ pub enum ConfigError {
     #[error("config {path}: {message}")]
     Parse { path: String, message: String },
     #[error("config {path}: {key} = {value}: {reason}")]
-    Invalid { path: String, key: &'static str, value: String, reason: &'static str },
+    Invalid { path: String, key: String, value: String, reason: &'static str },
 }
 
 impl Config {
@@ -97,7 +140,7 @@ impl Config {
     }
 
     fn validate(&self, origin: &str) -> Result<(), ConfigError> {
-        let invalid = |key, value: String, reason| ConfigError::Invalid { path: origin.into(), key, value, reason };
+        let invalid = |key: &str, value: String, reason| ConfigError::Invalid { path: origin.into(), key: key.into(), value, reason };
         let c = &self.capture;
         if !c.ring_buffer_bytes.is_power_of_two() || c.ring_buffer_bytes < 4096 {
             return Err(invalid("capture.ring_buffer_bytes", c.ring_buffer_bytes.to_string(), "must be a power of two, at least 4096"));
@@ -110,6 +153,26 @@ impl Config {
         }
         if c.queue_events == 0 {
             return Err(invalid("capture.queue_events", "0".into(), "must be at least 1"));
+        }
+        if let Some(label) = self.labels.zero() {
+            return Err(invalid(&format!("labels.{label}"), "0".into(), "must be at least 1"));
+        }
+        if self.outcomes.window_secs < 60 {
+            return Err(invalid("outcomes.window_secs", self.outcomes.window_secs.to_string(), "must be at least 60"));
+        }
+        if self.attribution.max_processes == 0 {
+            return Err(invalid("attribution.max_processes", "0".into(), "must be at least 1"));
+        }
+        for (i, rule) in self.agents.iter().enumerate() {
+            if rule.name.trim().is_empty() {
+                return Err(invalid(&format!("agents[{i}].name"), format!("{:?}", rule.name), "must name the agent"));
+            }
+        }
+        for (i, entry) in self.prices.iter().enumerate() {
+            if let Err(reason) = entry.validate() {
+                let model = entry.model.clone().unwrap_or_default();
+                return Err(invalid(&format!("prices[{i}]"), format!("{model:?}"), reason));
+            }
         }
         Ok(())
     }
@@ -153,5 +216,58 @@ mod tests {
         assert!(err.contains("capture.ring_buffer_bytes = 5000") && err.contains("power of two"), "{err}");
         let err = Config::parse("[capture]\nmax_call_bytes = 0\n", "g.toml").expect_err("zero").to_string();
         assert!(err.contains("capture.max_call_bytes"), "{err}");
+    }
+
+    /// Checks that `toml` is refused with an error naming the file, `line` and `key`.
+    fn refused(toml: &str, line: usize, key: &str) {
+        let err = Config::parse(toml, "gauge.toml").expect_err("must be refused").to_string();
+        let line = format!("line {line}");
+        assert!(err.contains("gauge.toml") && err.contains(&line) && err.contains(key), "want {line} and {key} in: {err}");
+    }
+
+    #[test]
+    fn bad_agent_rules_and_prices_name_file_line_and_key() {
+        refused("[[agents]]\nname = \"a\"\nmatch = { cmdline = \"(unclosed\" }\n", 3, "cmdline");
+        refused("[[agents]]\nname = \"a\"\nmatch = { comand = \"x\" }\n", 3, "comand");
+        refused("[[agents]]\nname = \"a\"\nmatch = {}\n", 3, "at least one of");
+        refused("[[prices]]\nmodel = \"m\"\ninput = -1\noutput = 1\n", 3, "input");
+        refused("[[prices]]\nmodel = \"m\"\ninput = 1\noutput = 1\ncache_reed = 1\n", 5, "cache_reed");
+        refused("[attribution.workflow]\nrules = [{ match = \"[\", name = \"x\" }]\n", 2, "match");
+        let err = Config::parse("[[prices]]\ninput = 1\noutput = 1\n", "gauge.toml").expect_err("no model").to_string();
+        assert!(err.contains("prices[0]") && err.contains("model"), "{err}");
+        let err = Config::parse("[[agents]]\nname = \"\"\nmatch = { comm = \"x\" }\n", "g.toml").expect_err("no name").to_string();
+        assert!(err.contains("agents[0].name"), "{err}");
+    }
+
+    #[test]
+    fn a_full_attribution_config_parses() {
+        let config = Config::parse(
+            r#"
+            [attribution]
+            agent_env = ""
+            [attribution.customer]
+            enabled = true
+            rules = [{ match = '^(acme)-', name = '$1' }]
+            [[agents]]
+            name = "support-bot"
+            [agents.match]
+            cmdline = 'support_bot\.py'
+            env = "GAUGE_TEAM=support"
+            [[prices]]
+            model_regex = "house-.*"
+            input = 0.1
+            output = 0.2
+            long_context = { above_input_tokens = 100000, input = 0.2, output = 0.4 }
+            [outcomes]
+            window_secs = 3600
+            [labels]
+            model = 50
+            "#,
+            "full.toml",
+        )
+        .expect("parses");
+        assert_eq!(config.agents.len(), 1);
+        assert!(config.attribution.customer.enabled && config.attribution.agent_env.is_empty());
+        assert_eq!(config.labels.model, 50);
     }
 }

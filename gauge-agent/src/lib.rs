@@ -1,10 +1,12 @@
 //! Gauge agent: sees AI agents' LLM calls from TLS plaintext captured in the kernel.
 //!
 //! The data path, one module per stage:
-//! `source` (kernel capture, replay) -> [reassembly, http, llm, attribution, metering,
-//! policy: later stages] -> `export` (Prometheus). `app` wires the stages together.
+//! `source` (kernel capture, replay) -> `reassembly` (with `http`) -> `llm` ->
+//! `attribution` -> `metering` (tokens, cost, outcomes) -> `export` (Prometheus).
+//! `pipeline` chains the synchronous stages; `app` wires the commands.
 
 pub mod app;
+pub mod attribution;
 pub mod cli;
 pub mod config;
 pub mod export;

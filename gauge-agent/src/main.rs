@@ -29,6 +29,9 @@ fn main() -> anyhow::Result<()> {
             runtime.block_on(app::record(config, &output, filter, duration.map(Duration::from_secs), !no_redact))
         }
         Command::Targets { listen, json } => app::targets(listen, json),
+        Command::Outcome { agent, name, count, value, listen } => {
+            app::outcome(listen, &gauge_agent::metering::outcomes::OutcomeReport { agent, outcome: name, count, value })
+        }
         Command::CheckConfig { file } => app::check_config(&file),
     }
 }

@@ -8,6 +8,7 @@ pub mod clients;
 pub mod mock;
 pub mod sdk;
 pub mod streams;
+pub mod world;
 
 /// Whether kernel tests can run here. Outside CI, a non-root run skips them with a
 /// note; in CI (`CI=true`) not being root is a failure.

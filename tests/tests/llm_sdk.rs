@@ -3,98 +3,17 @@
 //! APIs with known usage. `/metrics` must match what the mock served, token for token.
 
 use std::{
-    path::PathBuf,
     process::Command,
     thread,
     time::{Duration, Instant},
 };
 
 use gauge_tests::{
-    agent::Daemon,
     clients,
     kernel_tests_enabled,
-    mock::{MockLlm, write_certificate},
     sdk::{NODE_ANTHROPIC_STREAM, SDK_CALLS, SDK_HTTP2, SDK_OTHER_APIS},
+    world::{World, sum, with},
 };
-
-type Labels<'a> = [(&'a str, &'a str)];
-
-fn with<'a>(base: &Labels<'a>, extra: &Labels<'a>) -> Vec<(&'a str, &'a str)> {
-    base.iter().chain(extra).copied().collect()
-}
-
-/// Sum of the samples of `metric` whose labels include every `key="value"` pair.
-fn sum(metrics: &str, metric: &str, labels: &Labels<'_>) -> f64 {
-    metrics
-        .lines()
-        .filter(|l| l.starts_with(&format!("{metric}{{")))
-        .filter(|l| labels.iter().all(|(k, v)| l.contains(&format!("{k}=\"{v}\""))))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
-/// One test's world: a mock provider with its certificate, and a daemon watching.
-struct World {
-    cert: PathBuf,
-    mock: MockLlm,
-    daemon: Daemon,
-    _dir: tempfile::TempDir,
-}
-
-impl World {
-    fn start() -> Self {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let (cert, key) = write_certificate(dir.path());
-        let mock = MockLlm::start(&cert, &key);
-        let mut daemon = Daemon::start("");
-        daemon.wait_healthy();
-        Self { cert, mock, daemon, _dir: dir }
-    }
-
-    /// Runs an SDK script (see `gauge_tests::sdk`) against the mock; it must print "ok".
-    fn python(&self, what: &str, script: &str) {
-        let mut sdk = clients::python(&self.cert, script);
-        sdk.env("GAUGE_TEST_PORT", self.mock.port.to_string()).env("SSL_CERT_FILE", &self.cert);
-        let (_, out) = clients::run(what, &mut sdk);
-        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "ok", "{what}");
-    }
-
-    /// Scrapes once every label set has at least its number of requests (or after 20 s).
-    fn scrape(&self, wanted: &[(&Labels<'_>, f64)]) -> Scrape<'_> {
-        let start = Instant::now();
-        loop {
-            let (_, text) = self.daemon.get("/metrics").expect("scrape");
-            let done = wanted.iter().all(|(labels, n)| sum(&text, "gauge_llm_requests_total", labels) >= *n);
-            if done || start.elapsed() > Duration::from_secs(20) {
-                return Scrape { text, daemon: &self.daemon };
-            }
-            thread::sleep(Duration::from_millis(100));
-        }
-    }
-}
-
-struct Scrape<'a> {
-    text: String,
-    daemon: &'a Daemon,
-}
-
-impl Scrape<'_> {
-    fn check(&self, metric: &str, labels: &Labels<'_>, want: f64) {
-        let got = sum(&self.text, metric, labels);
-        assert_eq!(got, want, "{metric} {labels:?}\n{}\ndaemon log:\n{}", self.text, self.daemon.log.text());
-    }
-
-    /// Checks the token kinds of one label set.
-    fn tokens(&self, labels: &Labels<'_>, kinds: &[(&str, f64)]) {
-        for (kind, want) in kinds {
-            self.check("gauge_llm_tokens_total", &with(labels, &[("kind", kind)]), *want);
-        }
-    }
-
-    fn free_of(&self, secret: &str) {
-        assert!(!self.text.contains(secret) && !self.daemon.log.text().contains(secret), "{secret} leaked");
-    }
-}
 
 const CHAT_MODEL: &str = "gpt-4o-mini-2024-07-18";
 const MESSAGES_MODEL: &str = "claude-sonnet-4-5-20250929";
@@ -104,7 +23,7 @@ fn official_sdks_over_http1_are_metered_exactly() {
     if !kernel_tests_enabled("SDK end to end") {
         return;
     }
-    let world = World::start();
+    let world = World::start("");
     world.python("openai + anthropic SDKs", SDK_CALLS);
     let openai = [("provider", "openai_compatible"), ("model", CHAT_MODEL)];
     let retried = [("provider", "openai_compatible"), ("model", "fail-once-a-2024-07-18")];
@@ -138,7 +57,7 @@ fn curl_and_sdks_over_http2_are_metered_exactly() {
     if !kernel_tests_enabled("HTTP/2 end to end") {
         return;
     }
-    let world = World::start();
+    let world = World::start("");
     let url = format!("https://127.0.0.1:{}/v1/chat/completions", world.mock.port);
     for body in [
         r#"{"model":"gpt-4o-mini-h2","messages":[]}"#,
@@ -166,7 +85,7 @@ fn responses_embeddings_and_gemini_are_metered_exactly() {
     if !kernel_tests_enabled("Responses, Embeddings, Gemini end to end") {
         return;
     }
-    let world = World::start();
+    let world = World::start("");
     world.python("openai responses/embeddings + google-genai", SDK_OTHER_APIS);
     let responses = [("provider", "openai_compatible"), ("model", "gpt-5-mini-2024-07-18")];
     let embeddings = [("provider", "openai_compatible"), ("model", "text-embedding-3-small-2024-07-18")];
@@ -192,7 +111,7 @@ fn node_with_its_static_openssl_is_metered_exactly() {
     if !kernel_tests_enabled("node end to end") {
         return;
     }
-    let world = World::start();
+    let world = World::start("");
     let mut cmd = clients::node(&world.cert, NODE_ANTHROPIC_STREAM);
     cmd.env("GAUGE_TEST_PORT", world.mock.port.to_string());
     let node = clients::Held::start("node", &mut cmd);

@@ -8,8 +8,9 @@
 use std::{path::{Path, PathBuf}, process::Command, thread, time::Duration};
 
 use gauge_agent::{
+    attribution::process::NoProcesses,
+    config::Config,
     pipeline::Pipeline,
-    reassembly::Limits,
     source::{CaptureEvent, Payload, recording},
 };
 use gauge_tests::{agent::Recorder, clients, mock::{MockLlm, write_certificate}, sdk};
@@ -22,7 +23,7 @@ fn fixtures() -> PathBuf {
 /// The LLM counters a recording produces, one sample per line, sorted.
 fn llm_counters(events: &[CaptureEvent]) -> String {
     let mut registry = Registry::default();
-    let mut pipeline = Pipeline::new(Limits::default(), &mut registry);
+    let mut pipeline = Pipeline::new(&Config::default(), Box::new(NoProcesses), || 0, &mut registry).expect("pipeline");
     for event in events {
         pipeline.feed(event);
     }
@@ -31,7 +32,7 @@ fn llm_counters(events: &[CaptureEvent]) -> String {
     let mut lines: Vec<&str> = text
         .lines()
         .filter(|l| {
-            ["gauge_llm_requests_total", "gauge_llm_tokens_total", "gauge_llm_reasoning_tokens_total", "gauge_llm_retries_total", "gauge_llm_unmetered_calls_total", "gauge_http_dropped_total", "gauge_http2_hpack_desyncs_total"]
+            ["gauge_llm_requests_total", "gauge_llm_tokens_total", "gauge_llm_reasoning_tokens_total", "gauge_llm_retries_total", "gauge_llm_cost_usd_total", "gauge_llm_unpriced_calls_total", "gauge_llm_unmetered_calls_total", "gauge_http_dropped_total", "gauge_http2_hpack_desyncs_total"]
                 .iter()
                 .any(|m| l.starts_with(m))
         })

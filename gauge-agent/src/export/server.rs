@@ -1,5 +1,6 @@
 //! The HTTP listener: `/metrics` (Prometheus text), `/healthz` (200 once probes are
-//! attached, 503 before), `/targets` (JSON list of hooked files).
+//! attached, 503 before), `/targets` (JSON list of hooked files), and
+//! `POST /v1/outcomes` (what agents achieved, see `metering::outcomes`).
 
 use std::{
     net::SocketAddr,
@@ -11,12 +12,18 @@ use axum::{
     extract::State,
     http::{StatusCode, header},
     response::IntoResponse,
-    routing::get,
+    routing::{get, post},
 };
 use prometheus_client::registry::Registry;
 use tokio::sync::watch;
 
-use crate::source::{discovery::Target, runtime::CaptureState};
+use crate::{
+    metering::outcomes::{OutcomeReport, Outcomes},
+    source::{discovery::Target, runtime::CaptureState},
+};
+
+/// Largest outcome report accepted: one small JSON object.
+const MAX_OUTCOME_BODY: usize = 16 << 10;
 
 /// What the handlers read.
 #[derive(Clone)]
@@ -24,11 +31,17 @@ pub struct ServerState {
     pub registry: Arc<Registry>,
     pub ready: Arc<AtomicBool>,
     pub targets: watch::Receiver<Vec<Target>>,
+    pub outcomes: Outcomes,
 }
 
 impl ServerState {
-    pub fn new(registry: Registry, capture: &CaptureState) -> Self {
-        Self { registry: Arc::new(registry), ready: Arc::new(AtomicBool::new(false)), targets: capture.targets.subscribe() }
+    pub fn new(registry: Registry, capture: &CaptureState, outcomes: Outcomes) -> Self {
+        Self {
+            registry: Arc::new(registry),
+            ready: Arc::new(AtomicBool::new(false)),
+            targets: capture.targets.subscribe(),
+            outcomes,
+        }
     }
 }
 
@@ -37,6 +50,7 @@ pub fn router(state: ServerState) -> Router {
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .route("/targets", get(targets))
+        .route("/v1/outcomes", post(outcome).layer(axum::extract::DefaultBodyLimit::max(MAX_OUTCOME_BODY)))
         .with_state(state)
 }
 
@@ -49,7 +63,7 @@ pub async fn bind(addr: SocketAddr, state: ServerState) -> anyhow::Result<impl F
         .with_context(|| format!("cannot listen on {addr}: is another gauge-agent running? choose another with --listen"))?;
     // The bound address, so that `--listen 127.0.0.1:0` reports the port it got.
     let addr = listener.local_addr().unwrap_or(addr);
-    tracing::info!(%addr, "serving /metrics, /healthz and /targets");
+    tracing::info!(%addr, "serving /metrics, /healthz, /targets and POST /v1/outcomes");
     Ok(async move { axum::serve(listener, router(state)).await })
 }
 
@@ -75,4 +89,21 @@ async fn healthz(State(state): State<ServerState>) -> impl IntoResponse {
 
 async fn targets(State(state): State<ServerState>) -> Json<Vec<Target>> {
     Json(state.targets.borrow().clone())
+}
+
+/// `POST /v1/outcomes` with `{"agent": .., "outcome": .., "count": 1, "value": ..}`.
+async fn outcome(State(state): State<ServerState>, body: axum::body::Bytes) -> (StatusCode, String) {
+    let report: OutcomeReport = match serde_json::from_slice(&body) {
+        Ok(report) => report,
+        Err(e) => {
+            return (
+                StatusCode::BAD_REQUEST,
+                format!("expected JSON like {{\"agent\": \"support-bot\", \"outcome\": \"resolved_ticket\", \"count\": 1}}: {e}\n"),
+            );
+        }
+    };
+    match state.outcomes.report(&report) {
+        Ok(()) => (StatusCode::OK, "ok\n".into()),
+        Err(e) => (StatusCode::BAD_REQUEST, format!("{e}\n")),
+    }
 }

@@ -7,6 +7,7 @@ use std::hash::{DefaultHasher, Hasher as _};
 
 use super::{
     Endpoint, Provider, Recognized, estimate,
+    request::RequestContext,
     usage::{self, Envelope, GeminiUsage, RawUsage, Usage},
 };
 use crate::http::{RequestHead, ResponseHead, encoding::ContentDecoder, sse};
@@ -44,6 +45,8 @@ pub struct LlmCall {
     pub incomplete: bool,
     /// Recognised from bodies only (HTTP/2 headers not decodable): status unknown.
     pub by_shape: bool,
+    /// Headers and body fields attribution reads (no credentials).
+    pub request: RequestContext,
 }
 
 /// Where a call's token counts come from.
@@ -115,6 +118,7 @@ pub struct CallTracker {
     output_text: String,
     /// Recognised from the request body, without headers.
     by_shape: bool,
+    request: RequestContext,
 }
 
 impl CallTracker {
@@ -143,6 +147,7 @@ impl CallTracker {
             request_text: String::new(),
             output_text: String::new(),
             by_shape: false,
+            request: RequestContext::from_headers(&head.headers),
         }
     }
 
@@ -174,6 +179,7 @@ impl CallTracker {
             }
             self.stream_requested |= json.get("stream").and_then(|s| s.as_bool()).unwrap_or(false);
             self.request_text = estimate::request_text(&json);
+            self.request.read_body(&json);
             self.request_text.truncate(floor_char_boundary(&self.request_text, MAX_TEXT));
         }
     }
@@ -350,6 +356,7 @@ impl CallTracker {
             body_hash: self.hasher.finish(),
             incomplete: !complete || self.body_cut || self.request_body_cut || self.undecodable,
             by_shape: self.by_shape,
+            request: self.request,
         }
     }
 }

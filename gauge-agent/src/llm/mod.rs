@@ -13,8 +13,10 @@
 pub mod call;
 pub mod estimate;
 pub mod providers;
+pub mod request;
 pub mod usage;
 
 pub use call::{CallTracker, LlmCall, UsageSource};
 pub use providers::{Endpoint, Provider, Recognized};
+pub use request::RequestContext;
 pub use usage::Usage;

@@ -72,6 +72,7 @@ mod tests {
                 body_hash: hash,
                 incomplete: false,
                 by_shape: false,
+                request: Default::default(),
             },
         }
     }

@@ -1,0 +1,212 @@
+//! Attribution: who made a call (process, container, agent) and for what (workflow,
+//! customer). Sits between reassembly and metering: it watches every event to read
+//! a process while it is alive, and labels each finished call.
+
+pub mod container;
+pub mod process;
+pub mod rules;
+
+use serde::Deserialize;
+
+use self::{
+    container::Container,
+    process::{ProcessInfo, ProcessSource, ProcessTable},
+    rules::{AgentResolver, AgentRule, ValueRule, map_value},
+};
+use crate::{
+    llm::RequestContext,
+    reassembly::Metered,
+    source::{CaptureEvent, Payload},
+};
+
+/// How deep the parent chain is followed for an inherited agent.
+const MAX_ANCESTORS: usize = 8;
+
+/// `[attribution]`: where workflow and customer come from, and agent defaults.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AttributionConfig {
+    /// An environment variable that names a process's agent when no rule does; ""
+    /// to ignore it.
+    pub agent_env: String,
+    /// Name the agent of coding agents that announce themselves in their headers.
+    pub known_clients: bool,
+    /// Processes remembered (oldest and exited ones are forgotten first).
+    pub max_processes: usize,
+    /// Where the host's `/` is: `/proc` and the container runtimes' metadata are
+    /// read under it (e.g. "/host" when the agent runs in a container).
+    pub host_root: std::path::PathBuf,
+    pub workflow: WorkflowConfig,
+    pub customer: CustomerConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WorkflowConfig {
+    /// Request header naming the workflow.
+    pub header: String,
+    /// Key of the request body's `metadata` object naming the workflow.
+    pub metadata_key: String,
+    pub rules: Vec<ValueRule>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CustomerConfig {
+    /// Add the `customer` label; off by default, since customer ids can be personal data.
+    pub enabled: bool,
+    pub header: String,
+    /// Also read OpenAI's `user` and Anthropic's `metadata.user_id`.
+    pub from_body: bool,
+    pub rules: Vec<ValueRule>,
+}
+
+impl Default for AttributionConfig {
+    fn default() -> Self {
+        Self {
+            agent_env: "GAUGE_AGENT".into(),
+            known_clients: true,
+            max_processes: 32768,
+            host_root: "/".into(),
+            workflow: WorkflowConfig::default(),
+            customer: CustomerConfig::default(),
+        }
+    }
+}
+
+impl Default for WorkflowConfig {
+    fn default() -> Self {
+        Self { header: "x-gauge-workflow".into(), metadata_key: "workflow".into(), rules: Vec::new() }
+    }
+}
+
+impl Default for CustomerConfig {
+    fn default() -> Self {
+        Self { enabled: false, header: "x-gauge-customer".into(), from_body: true, rules: Vec::new() }
+    }
+}
+
+/// The labels of one call, before cardinality caps.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Attribution {
+    pub agent: String,
+    pub process: String,
+    pub container: String,
+    /// What is known of the container (runtime, id, pod), for `gauge_container_info`.
+    pub container_info: Option<Container>,
+    /// Empty when the call names none.
+    pub workflow: String,
+    /// `None` when the customer label is off; empty when the call names none.
+    pub customer: Option<String>,
+    /// For logs only: pids and paths are not labels.
+    pub pid: u32,
+    pub exe: String,
+}
+
+pub struct Attributor {
+    source: Box<dyn ProcessSource>,
+    table: ProcessTable,
+    agents: AgentResolver,
+    config: AttributionConfig,
+}
+
+impl Attributor {
+    pub fn new(config: AttributionConfig, agents: Vec<AgentRule>, source: Box<dyn ProcessSource>) -> Self {
+        let agents = AgentResolver {
+            rules: agents,
+            known_clients: config.known_clients,
+            agent_env: (!config.agent_env.is_empty()).then(|| config.agent_env.clone()),
+        };
+        Self { source, table: ProcessTable::new(config.max_processes), agents, config }
+    }
+
+    /// The environment variables a [`process::ProcFs`] must read for these rules.
+    pub fn env_names(config: &AttributionConfig, agents: &[AgentRule]) -> Vec<String> {
+        AgentResolver {
+            rules: agents.to_vec(),
+            known_clients: false,
+            agent_env: (!config.agent_env.is_empty()).then(|| config.agent_env.clone()),
+        }
+        .env_names()
+    }
+
+    /// Reads a process the first time it is seen, and again when it executes a new
+    /// program, so that a client that exits right after its call is still known.
+    pub fn observe(&mut self, event: &CaptureEvent) {
+        if matches!(event.payload, Payload::Exec) || !self.table.contains(event.tgid) {
+            let info = self.source.read(event.tgid).unwrap_or_else(|| ProcessInfo::from_comm(event.tgid, &event.comm));
+            self.remember(info);
+        }
+    }
+
+    pub fn attribute(&mut self, metered: &Metered) -> Attribution {
+        let origin = &metered.origin;
+        let me = self.current(origin.tgid, &origin.comm);
+        let mut chain = vec![me];
+        while chain.len() <= MAX_ANCESTORS {
+            let Some(last) = chain.last() else { break };
+            // pid 1 (init) and 2 (kthreadd) parent everything: inheriting from them
+            // would give every orphan the same agent.
+            if last.ppid <= 2 || last.ppid == last.tgid {
+                break;
+            }
+            match self.ancestor(last.ppid) {
+                Some(parent) => chain.push(parent),
+                None => break,
+            }
+        }
+        let request = &metered.call.request;
+        let agent = self.agents.resolve(&chain, &request.headers).into_owned();
+        let me = &chain[0];
+        Attribution {
+            agent,
+            process: me.name().to_owned(),
+            container: me.container.as_ref().map(|c| c.label()).unwrap_or_default(),
+            container_info: me.container.clone(),
+            workflow: self.workflow(request),
+            customer: self.config.customer.enabled.then(|| self.customer(request)),
+            pid: me.tgid,
+            exe: me.exe.clone(),
+        }
+    }
+
+    fn remember(&mut self, info: ProcessInfo) {
+        let source = &mut self.source;
+        self.table.insert(info, |tgid| source.start_time(tgid).is_some());
+    }
+
+    /// The process now holding `tgid`: the remembered one unless the pid was reused.
+    fn current(&mut self, tgid: u32, comm: &str) -> ProcessInfo {
+        let live_start = self.source.start_time(tgid);
+        if let Some(known) = self.table.get(tgid)
+            && (live_start.is_none() || live_start == Some(known.start_time))
+        {
+            return known.clone();
+        }
+        let info = self.source.read(tgid).unwrap_or_else(|| ProcessInfo::from_comm(tgid, comm));
+        self.remember(info.clone());
+        info
+    }
+
+    fn ancestor(&mut self, tgid: u32) -> Option<ProcessInfo> {
+        if let Some(known) = self.table.get(tgid) {
+            return Some(known.clone());
+        }
+        let info = self.source.read(tgid)?;
+        self.remember(info.clone());
+        Some(info)
+    }
+
+    fn workflow(&self, request: &RequestContext) -> String {
+        let c = &self.config.workflow;
+        let raw = request.header(&c.header).or_else(|| request.metadata(&c.metadata_key));
+        raw.map(|raw| map_value(&c.rules, raw).into_owned()).unwrap_or_default()
+    }
+
+    fn customer(&self, request: &RequestContext) -> String {
+        let c = &self.config.customer;
+        let from_body = || c.from_body.then(|| request.user.as_deref().or_else(|| request.metadata("user_id"))).flatten();
+        let raw = request.header(&c.header).or_else(from_body);
+        raw.map(|raw| map_value(&c.rules, raw).into_owned()).unwrap_or_default()
+    }
+}

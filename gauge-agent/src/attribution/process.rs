@@ -1,0 +1,254 @@
+//! Who a process is: executable, command line, parent, cgroup and container, and the
+//! few environment variables agent rules ask for. Read from `/proc` as early as the
+//! pipeline sees a process (its exec event, or its first captured byte), because a
+//! short-lived client may be gone by the time its call ends.
+
+use std::{
+    collections::HashMap,
+    io::Read as _,
+    path::{Path, PathBuf},
+};
+
+use super::container::{self, Container, MetadataRoots};
+
+/// Most bytes read from one `/proc` file: command lines and environments can be
+/// large, and nothing here needs more.
+const MAX_PROC_FILE: u64 = 256 << 10;
+
+/// What attribution knows of one process.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ProcessInfo {
+    pub tgid: u32,
+    pub ppid: u32,
+    /// Kernel start time (clock ticks since boot): with `tgid`, names the process
+    /// even after its pid is reused.
+    pub start_time: u64,
+    pub comm: String,
+    /// The executable's path, as the process sees it; empty when unknown.
+    pub exe: String,
+    /// The command line, arguments joined by spaces.
+    pub cmdline: String,
+    /// The cgroup path (v2, else the most telling v1 hierarchy); empty when unknown.
+    pub cgroup: String,
+    pub container: Option<Container>,
+    /// Only the variables attribution was asked to read; never logged or exported.
+    pub env: Vec<(String, String)>,
+}
+
+impl ProcessInfo {
+    /// What is known of a process that is gone before it could be read.
+    pub fn from_comm(tgid: u32, comm: &str) -> Self {
+        Self { tgid, comm: comm.to_owned(), ..Self::default() }
+    }
+
+    /// The `process` label: the executable's file name, else the thread name.
+    pub fn name(&self) -> &str {
+        match self.exe.rsplit('/').next() {
+            Some(name) if !name.is_empty() => name.strip_suffix(" (deleted)").unwrap_or(name),
+            _ => &self.comm,
+        }
+    }
+
+    pub fn env(&self, name: &str) -> Option<&str> {
+        self.env.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
+    }
+}
+
+/// Where process facts come from: `/proc` on a live host; nothing on replay (the
+/// pipeline then knows a process by its thread name only).
+pub trait ProcessSource: Send {
+    /// Reads a live process; `None` when it is gone or unreadable.
+    fn read(&mut self, tgid: u32) -> Option<ProcessInfo>;
+    /// The start time of the process now holding `tgid`, to tell pid reuse.
+    fn start_time(&mut self, tgid: u32) -> Option<u64>;
+}
+
+/// No process facts: used by replay and tests.
+#[derive(Debug, Default)]
+pub struct NoProcesses;
+
+impl ProcessSource for NoProcesses {
+    fn read(&mut self, _: u32) -> Option<ProcessInfo> {
+        None
+    }
+    fn start_time(&mut self, _: u32) -> Option<u64> {
+        None
+    }
+}
+
+/// Reads processes from a procfs.
+#[derive(Debug)]
+pub struct ProcFs {
+    root: PathBuf,
+    metadata: MetadataRoots,
+    /// Environment variables to keep (the rest of the environment is not kept).
+    env_names: Vec<String>,
+}
+
+impl ProcFs {
+    pub fn new(root: impl Into<PathBuf>, metadata: MetadataRoots, env_names: Vec<String>) -> Self {
+        Self { root: root.into(), metadata, env_names }
+    }
+}
+
+impl ProcessSource for ProcFs {
+    fn read(&mut self, tgid: u32) -> Option<ProcessInfo> {
+        let dir = self.root.join(tgid.to_string());
+        let stat = read_text(&dir.join("stat"))?;
+        let (comm, ppid, start_time) = parse_stat(&stat)?;
+        let exe = std::fs::read_link(dir.join("exe")).map(|p| p.display().to_string()).unwrap_or_default();
+        let cmdline = read_bytes(&dir.join("cmdline")).map(|b| join_nul(&b)).unwrap_or_default();
+        let (cgroup, container) = match read_text(&dir.join("cgroup")) {
+            Some(text) => match container::cgroup_path(&text) {
+                Some(path) => {
+                    let container = container::parse(&path).map(|r| container::describe(&self.metadata, &r));
+                    (path, container)
+                }
+                None => (String::new(), None),
+            },
+            None => (String::new(), None),
+        };
+        let env = if self.env_names.is_empty() {
+            Vec::new()
+        } else {
+            read_bytes(&dir.join("environ")).map(|b| pick_env(&b, &self.env_names)).unwrap_or_default()
+        };
+        Some(ProcessInfo { tgid, ppid, start_time, comm, exe, cmdline, cgroup, container, env })
+    }
+
+    fn start_time(&mut self, tgid: u32) -> Option<u64> {
+        let stat = read_text(&self.root.join(tgid.to_string()).join("stat"))?;
+        parse_stat(&stat).map(|(_, _, start)| start)
+    }
+}
+
+/// `(comm, ppid, starttime)` from `/proc/PID/stat`. The comm is in parentheses and
+/// may itself hold spaces and parentheses, so fields are counted from the last `)`.
+pub fn parse_stat(stat: &str) -> Option<(String, u32, u64)> {
+    let open = stat.find('(')?;
+    let close = stat.rfind(')')?;
+    let comm = stat.get(open + 1..close)?.to_owned();
+    // After ") ": state(3) ppid(4) ... starttime(22): indexes 0, 1, ..., 19.
+    let rest: Vec<&str> = stat.get(close + 1..)?.split_ascii_whitespace().collect();
+    let ppid = rest.get(1)?.parse().ok()?;
+    let start = rest.get(19)?.parse().ok()?;
+    Some((comm, ppid, start))
+}
+
+fn join_nul(bytes: &[u8]) -> String {
+    let parts: Vec<String> =
+        bytes.split(|&b| b == 0).filter(|p| !p.is_empty()).map(|p| String::from_utf8_lossy(p).into_owned()).collect();
+    parts.join(" ")
+}
+
+fn pick_env(environ: &[u8], names: &[String]) -> Vec<(String, String)> {
+    environ
+        .split(|&b| b == 0)
+        .filter_map(|entry| {
+            let entry = std::str::from_utf8(entry).ok()?;
+            let (name, value) = entry.split_once('=')?;
+            names.iter().any(|n| n == name).then(|| (name.to_owned(), value.to_owned()))
+        })
+        .collect()
+}
+
+fn read_bytes(path: &Path) -> Option<Vec<u8>> {
+    let mut bytes = Vec::new();
+    std::fs::File::open(path).ok()?.take(MAX_PROC_FILE).read_to_end(&mut bytes).ok()?;
+    Some(bytes)
+}
+
+fn read_text(path: &Path) -> Option<String> {
+    read_bytes(path).map(|b| String::from_utf8_lossy(&b).into_owned())
+}
+
+/// Processes seen, by tgid, bounded: when full, entries of processes that are gone
+/// go first, then the oldest.
+#[derive(Debug, Default)]
+pub struct ProcessTable {
+    entries: HashMap<u32, (u64, ProcessInfo)>,
+    next_seq: u64,
+    capacity: usize,
+}
+
+impl ProcessTable {
+    pub fn new(capacity: usize) -> Self {
+        Self { entries: HashMap::new(), next_seq: 0, capacity: capacity.max(16) }
+    }
+
+    pub fn get(&self, tgid: u32) -> Option<&ProcessInfo> {
+        self.entries.get(&tgid).map(|(_, info)| info)
+    }
+
+    pub fn contains(&self, tgid: u32) -> bool {
+        self.entries.contains_key(&tgid)
+    }
+
+    pub fn insert(&mut self, info: ProcessInfo, mut alive: impl FnMut(u32) -> bool) {
+        if self.entries.len() >= self.capacity && !self.entries.contains_key(&info.tgid) {
+            self.entries.retain(|&tgid, _| alive(tgid));
+            if self.entries.len() >= self.capacity {
+                let oldest = self.entries.iter().min_by_key(|(_, (seq, _))| *seq).map(|(&tgid, _)| tgid);
+                if let Some(tgid) = oldest {
+                    self.entries.remove(&tgid);
+                }
+            }
+        }
+        self.next_seq += 1;
+        self.entries.insert(info.tgid, (self.next_seq, info));
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stat_fields_are_counted_from_the_last_parenthesis() {
+        let stat = "4242 (my (odd) prog) S 17 4242 4242 0 -1 4194560 1 0 0 0 0 0 0 0 20 0 1 0 987654 1000 1 1";
+        assert_eq!(parse_stat(stat), Some(("my (odd) prog".to_owned(), 17, 987654)));
+        assert_eq!(parse_stat("garbage"), None);
+    }
+
+    #[test]
+    fn only_the_asked_environment_variables_are_kept() {
+        let environ = b"OPENAI_API_KEY=sk-secret\0GAUGE_AGENT=support-bot\0PATH=/bin\0";
+        assert_eq!(pick_env(environ, &["GAUGE_AGENT".to_owned()]), vec![("GAUGE_AGENT".to_owned(), "support-bot".to_owned())]);
+    }
+
+    #[test]
+    fn this_process_reads_whole() {
+        let mut procfs = ProcFs::new("/proc", MetadataRoots::default(), vec!["PATH".to_owned()]);
+        let info = procfs.read(std::process::id()).expect("this process is alive");
+        assert!(!info.exe.is_empty() && !info.cmdline.is_empty() && info.start_time > 0, "{info:?}");
+        assert!(info.env("PATH").is_some() && info.env.len() == 1);
+        assert_eq!(procfs.start_time(std::process::id()), Some(info.start_time));
+    }
+
+    #[test]
+    fn the_process_label_is_the_executable_name() {
+        let info = ProcessInfo { exe: "/usr/bin/python3.11".into(), comm: "python3".into(), ..Default::default() };
+        assert_eq!(info.name(), "python3.11");
+        assert_eq!(ProcessInfo::from_comm(1, "curl").name(), "curl");
+    }
+
+    #[test]
+    fn a_full_table_forgets_dead_processes_first() {
+        let mut table = ProcessTable::new(16);
+        for tgid in 0..16 {
+            table.insert(ProcessInfo::from_comm(tgid, "p"), |_| true);
+        }
+        table.insert(ProcessInfo::from_comm(100, "new"), |tgid| tgid != 3);
+        assert!(!table.contains(3) && table.contains(100) && table.len() == 16);
+        table.insert(ProcessInfo::from_comm(101, "newer"), |_| true);
+        assert!(!table.contains(0) && table.contains(101), "the oldest goes when all are alive");
+    }
+}
