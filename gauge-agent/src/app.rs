@@ -211,6 +211,35 @@ pub fn outcome(listen: SocketAddr, report: &OutcomeReport) -> anyhow::Result<()>
     Ok(())
 }
 
+/// `gauge-agent prices`.
+pub fn prices(config: &Config, provider: &str, models: &[String]) -> anyhow::Result<()> {
+    use crate::metering::prices::{EMBEDDED, PriceTable, Tokens};
+    let table = PriceTable::with_overrides(config.prices.clone())?;
+    if models.is_empty() {
+        print!("{EMBEDDED}");
+        println!("\n# {} [[prices]] entries from the config take precedence over these.", config.prices.len());
+        return Ok(());
+    }
+    println!("prices as of {} (USD per million tokens; config entries first)", table.as_of());
+    let million = 1_000_000;
+    for model in models {
+        let rate = |tokens: Tokens| table.cost(provider, model, tokens).map(|c| c.usd());
+        match rate(Tokens { input: million, ..Tokens::default() }) {
+            None => println!("{model}: no price (add a [[prices]] entry)"),
+            Some(input) => {
+                let [cache_read, cache_write, output] = [
+                    Tokens { cache_read: million, ..Tokens::default() },
+                    Tokens { cache_write: million, ..Tokens::default() },
+                    Tokens { output: million, ..Tokens::default() },
+                ]
+                .map(|t| rate(t).unwrap_or_default());
+                println!("{model}: input {input} cache_read {cache_read} cache_write {cache_write} output {output}");
+            }
+        }
+    }
+    Ok(())
+}
+
 /// CLOCK_MONOTONIC, the clock of captured events.
 pub fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };

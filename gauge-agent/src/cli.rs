@@ -71,6 +71,18 @@ pub enum Command {
         #[arg(long, default_value = "127.0.0.1:9977")]
         listen: SocketAddr,
     },
+    /// Show the price table: the embedded one, or the rates that price each MODEL
+    /// (config overrides included).
+    Prices {
+        /// Model names as providers report them, e.g. gpt-4o-mini-2024-07-18.
+        models: Vec<String>,
+        /// The provider label, for `[[prices]]` entries restricted to one.
+        #[arg(long, default_value = "")]
+        provider: String,
+        /// TOML config file whose `[[prices]]` apply.
+        #[arg(long, env = "GAUGE_CONFIG")]
+        config: Option<PathBuf>,
+    },
     /// Validate a config file and print the effective configuration's errors, if any.
     CheckConfig {
         /// The file to check.

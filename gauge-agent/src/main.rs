@@ -32,6 +32,7 @@ fn main() -> anyhow::Result<()> {
         Command::Outcome { agent, name, count, value, listen } => {
             app::outcome(listen, &gauge_agent::metering::outcomes::OutcomeReport { agent, outcome: name, count, value })
         }
+        Command::Prices { models, provider, config } => app::prices(&app::load_config(config.as_ref())?, &provider, &models),
         Command::CheckConfig { file } => app::check_config(&file),
     }
 }

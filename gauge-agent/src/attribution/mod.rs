@@ -210,3 +210,95 @@ impl Attributor {
         raw.map(|raw| map_value(&c.rules, raw).into_owned()).unwrap_or_default()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        llm::{Endpoint, LlmCall, Provider, UsageSource},
+        reassembly::Origin,
+    };
+
+    /// A process table that knows one parent (pid 10) and its child (pid 11).
+    struct Family;
+
+    impl ProcessSource for Family {
+        fn read(&mut self, tgid: u32) -> Option<ProcessInfo> {
+            let (ppid, cmdline) = match tgid {
+                10 => (1, "python3 run_batch.py --nightly"),
+                11 => (10, "curl https://api.openai.com"),
+                _ => return None,
+            };
+            Some(ProcessInfo { tgid, ppid, start_time: 7, comm: "x".into(), cmdline: cmdline.into(), ..Default::default() })
+        }
+        fn start_time(&mut self, tgid: u32) -> Option<u64> {
+            (tgid == 10 || tgid == 11).then_some(7)
+        }
+    }
+
+    fn metered(tgid: u32, request: RequestContext) -> Metered {
+        let call = LlmCall {
+            provider: Provider::OpenAi,
+            endpoint: Endpoint::ChatCompletions,
+            request_model: None,
+            response_model: None,
+            status: Some(200),
+            stream: false,
+            start_ns: 0,
+            first_byte_ns: None,
+            first_token_ns: None,
+            end_ns: 0,
+            error_type: None,
+            request_id: None,
+            usage: None,
+            usage_source: UsageSource::None,
+            retry_count: None,
+            body_hash: 0,
+            incomplete: false,
+            by_shape: false,
+            request,
+        };
+        Metered { origin: Origin { tgid, comm: "curl".into(), cgroup_id: 0 }, call }
+    }
+
+    fn attributor(config: &str) -> Attributor {
+        let config = crate::config::Config::parse(config, "test.toml").expect("config");
+        Attributor::new(config.attribution, config.agents, Box::new(Family))
+    }
+
+    #[test]
+    fn workflow_and_customer_come_from_headers_then_body_through_rules() {
+        let mut a = attributor(
+            "[attribution.workflow]\nrules = [{ match = '^ticket-\\d+-(\\w+)$', name = '$1' }]\n[attribution.customer]\nenabled = true\n",
+        );
+        let headers = RequestContext {
+            headers: vec![("x-gauge-workflow".into(), "ticket-88-triage".into()), ("x-gauge-customer".into(), "acme".into())],
+            user: Some("user-9".into()),
+            ..Default::default()
+        };
+        let who = a.attribute(&metered(11, headers));
+        assert_eq!((who.workflow.as_str(), who.customer.as_deref()), ("triage", Some("acme")));
+        let body = RequestContext {
+            metadata: vec![("workflow".into(), "digest".into()), ("user_id".into(), "cust-7".into())],
+            ..Default::default()
+        };
+        let who = a.attribute(&metered(11, body));
+        assert_eq!((who.workflow.as_str(), who.customer.as_deref()), ("digest", Some("cust-7")));
+        let who = attributor("").attribute(&metered(11, RequestContext::default()));
+        assert_eq!((who.workflow.as_str(), who.customer), ("", None), "customer is off by default");
+    }
+
+    #[test]
+    fn a_child_inherits_the_agent_of_its_parent() {
+        let mut a = attributor("[[agents]]\nname = \"nightly\"\nmatch = { cmdline = 'run_batch\\.py' }\n");
+        assert_eq!(a.attribute(&metered(11, RequestContext::default())).agent, "nightly");
+        assert_eq!(a.attribute(&metered(10, RequestContext::default())).agent, "nightly");
+    }
+
+    #[test]
+    fn a_process_gone_before_it_was_read_is_known_by_its_thread_name() {
+        let mut a = attributor("[[agents]]\nname = \"fetcher\"\nmatch = { comm = \"curl\" }\n");
+        let who = a.attribute(&metered(999, RequestContext::default()));
+        assert_eq!((who.agent.as_str(), who.process.as_str(), who.container.as_str()), ("fetcher", "curl", ""));
+    }
+}

@@ -24,7 +24,8 @@ use std::ops::Add;
 use regex::Regex;
 use serde::{Deserialize, Deserializer, de::Error as _};
 
-const EMBEDDED: &str = include_str!("../../prices.toml");
+/// The embedded table, as shipped (`gauge-agent prices` prints it).
+pub const EMBEDDED: &str = include_str!("../../prices.toml");
 
 /// USD per million tokens, validated non-negative and finite at deserialization.
 #[derive(Debug, Clone, Copy, PartialEq)]
