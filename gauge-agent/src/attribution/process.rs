@@ -76,6 +76,10 @@ impl ProcessSource for NoProcesses {
     }
 }
 
+/// Containers described, by cgroup path: their metadata files are read once, not
+/// at every exec inside them. Cleared when full.
+const MAX_CONTAINERS: usize = 4096;
+
 /// Reads processes from a procfs.
 #[derive(Debug)]
 pub struct ProcFs {
@@ -83,11 +87,24 @@ pub struct ProcFs {
     metadata: MetadataRoots,
     /// Environment variables to keep (the rest of the environment is not kept).
     env_names: Vec<String>,
+    containers: HashMap<String, Option<Container>>,
 }
 
 impl ProcFs {
     pub fn new(root: impl Into<PathBuf>, metadata: MetadataRoots, env_names: Vec<String>) -> Self {
-        Self { root: root.into(), metadata, env_names }
+        Self { root: root.into(), metadata, env_names, containers: HashMap::new() }
+    }
+
+    fn container(&mut self, cgroup: &str) -> Option<Container> {
+        if let Some(known) = self.containers.get(cgroup) {
+            return known.clone();
+        }
+        if self.containers.len() >= MAX_CONTAINERS {
+            self.containers.clear();
+        }
+        let container = container::parse(cgroup).map(|r| container::describe(&self.metadata, &r));
+        self.containers.insert(cgroup.to_owned(), container.clone());
+        container
     }
 }
 
@@ -98,16 +115,8 @@ impl ProcessSource for ProcFs {
         let (comm, ppid, start_time) = parse_stat(&stat)?;
         let exe = std::fs::read_link(dir.join("exe")).map(|p| p.display().to_string()).unwrap_or_default();
         let cmdline = read_bytes(&dir.join("cmdline")).map(|b| join_nul(&b)).unwrap_or_default();
-        let (cgroup, container) = match read_text(&dir.join("cgroup")) {
-            Some(text) => match container::cgroup_path(&text) {
-                Some(path) => {
-                    let container = container::parse(&path).map(|r| container::describe(&self.metadata, &r));
-                    (path, container)
-                }
-                None => (String::new(), None),
-            },
-            None => (String::new(), None),
-        };
+        let cgroup = read_text(&dir.join("cgroup")).and_then(|text| container::cgroup_path(&text)).unwrap_or_default();
+        let container = if cgroup.is_empty() { None } else { self.container(&cgroup) };
         let env = if self.env_names.is_empty() {
             Vec::new()
         } else {
