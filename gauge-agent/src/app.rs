@@ -6,7 +6,7 @@ use std::{
     net::SocketAddr,
     path::{Path, PathBuf},
     sync::atomic::Ordering,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, bail};
@@ -15,6 +15,8 @@ use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
     attribution::{Attributor, container::MetadataRoots, process::ProcFs},
+    policy::{cgroup::CgroupFs, executor::Executor},
+    source::{CaptureEvent, Payload, discovery},
     config::Config,
     metering::outcomes::OutcomeReport,
     pipeline::Pipeline,
@@ -25,9 +27,13 @@ use crate::{
     source::{discovery::Target, recording, runtime::{self, CaptureState}},
 };
 
+/// How often the config file is looked at for changes (policies hot-reload).
+const RELOAD_POLL: Duration = Duration::from_secs(2);
+
 /// `gauge-agent run`.
-pub async fn run(config: Config, listen: Option<SocketAddr>) -> anyhow::Result<()> {
+pub async fn run(mut config: Config, config_path: Option<PathBuf>, listen: Option<SocketAddr>, dry_run: bool) -> anyhow::Result<()> {
     require_root("run")?;
+    config.enforcement.dry_run |= dry_run;
     let capture = CaptureState::new();
     let mut registry = Registry::default();
     CaptureCollector::register(&mut registry, capture.clone());
@@ -37,12 +43,36 @@ pub async fn run(config: Config, listen: Option<SocketAddr>) -> anyhow::Result<(
         Attributor::env_names(&config.attribution, &config.agents),
     );
     let mut pipeline = Pipeline::new(&config, Box::new(processes), monotonic_ns, &mut registry)?;
+    let proc_root = config.attribution.host_root.join("proc");
+    let cgroups = CgroupFs::new(config.attribution.host_root.join("sys/fs/cgroup"));
+    let hold_timeout = Duration::from_millis(config.enforcement.hold_timeout_ms);
+    let mut executor = Executor::register(None, cgroups, proc_root.clone(), hold_timeout, &mut registry);
+    let reload_failures = prometheus_client::metrics::counter::Counter::<u64>::default();
+    registry.register(
+        "gauge_config_reload_failures",
+        "Config reloads refused (the running config stays); the log names file, line and key.",
+        reload_failures.clone(),
+    );
     let state = ServerState::new(registry, &capture, pipeline.outcomes());
     let serve = server::bind(listen.unwrap_or(config.server.listen), state.clone()).await?;
     let mut serve = tokio::spawn(serve);
 
-    let mut events = runtime::start(config.capture_options(), capture.clone())?;
+    let runtime::Capture { mut events, enforcement } = runtime::start(config.capture_options(), capture.clone())?;
+    executor.set_maps(enforcement);
+    if !config.policies.is_empty() {
+        // Processes already running are put under their policies now, not at their
+        // first captured byte (which may be the request to stop).
+        for pid in discovery::all_pids(&proc_root) {
+            let event = CaptureEvent { timestamp_ns: monotonic_ns(), tgid: pid, tid: pid, cgroup_id: 0, comm: String::new(), payload: Payload::Exec };
+            pipeline.feed(&event);
+        }
+        executor.run(pipeline.take_commands(), Instant::now());
+        tracing::info!(policies = config.policies.len(), dry_run = config.enforcement.dry_run, "policies armed");
+    }
     state.ready.store(true, Ordering::Release);
+    let mut watch = config_path.map(|path| ConfigWatch::new(path, dry_run));
+    let mut poll = tokio::time::interval(RELOAD_POLL);
+    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
     // Created once, before the loop: a signal that arrives while no listener exists
     // would be lost.
@@ -60,18 +90,92 @@ pub async fn run(config: Config, listen: Option<SocketAddr>) -> anyhow::Result<(
                             usage = ?c.usage, cost_usd = done.cost.map(|c| c.usd()), incomplete = c.incomplete, "LLM call"
                         );
                     }
+                    executor.run(pipeline.take_commands(), Instant::now());
                 }
-                None => bail!("the capture stopped unexpectedly"),
+                None => {
+                    executor.release_all();
+                    bail!("the capture stopped unexpectedly");
+                }
             },
+            _ = sleep_until(executor.next_due()) => executor.due(Instant::now()),
+            _ = poll.tick() => {
+                executor.due(Instant::now());
+                if let Some(watch) = &mut watch
+                    && let Some(reloaded) = watch.changed()
+                {
+                    match reloaded {
+                        Ok(new) => {
+                            // Whatever the old policies paused or froze is let go first.
+                            executor.release_all();
+                            executor.set_hold_timeout(Duration::from_millis(new.enforcement.hold_timeout_ms));
+                            pipeline.reload(&new);
+                            for pid in discovery::all_pids(&proc_root) {
+                                let event = CaptureEvent { timestamp_ns: monotonic_ns(), tgid: pid, tid: pid, cgroup_id: 0, comm: String::new(), payload: Payload::Exec };
+                                pipeline.feed(&event);
+                            }
+                            executor.run(pipeline.take_commands(), Instant::now());
+                            tracing::info!(policies = new.policies.len(), agents = new.agents.len(), "config reloaded (agents, policies, enforcement; other sections need a restart)");
+                        }
+                        Err(error) => {
+                            reload_failures.inc();
+                            tracing::error!(%error, "config reload refused: the running config stays");
+                        }
+                    }
+                }
+            }
             _ = interrupt.recv() => break,
             _ = terminate.recv() => break,
-            result = &mut serve => bail!("the HTTP listener stopped: {result:?}"),
+            result = &mut serve => {
+                executor.release_all();
+                bail!("the HTTP listener stopped: {result:?}");
+            }
         }
     }
+    // Nothing stays paused, frozen or throttled after the agent.
+    executor.release_all();
     // Each uprobe's detach waits for the kernel (~0.1 s, serialized on a global
     // lock), so exit takes a moment per hooked function; nothing is left behind.
     tracing::info!("stopping; probes detach as the agent exits");
     Ok(())
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Notices changes to the config file by its modification time and contents.
+struct ConfigWatch {
+    path: PathBuf,
+    last: Option<(std::time::SystemTime, u64)>,
+    dry_run: bool,
+}
+
+impl ConfigWatch {
+    fn new(path: PathBuf, dry_run: bool) -> Self {
+        let last = Self::stamp(&path);
+        Self { path, last, dry_run }
+    }
+
+    fn stamp(path: &Path) -> Option<(std::time::SystemTime, u64)> {
+        let meta = std::fs::metadata(path).ok()?;
+        Some((meta.modified().ok()?, meta.len()))
+    }
+
+    /// The new config when the file changed since last looked at.
+    fn changed(&mut self) -> Option<Result<Config, crate::config::ConfigError>> {
+        let now = Self::stamp(&self.path);
+        if now.is_none() || now == self.last {
+            return None;
+        }
+        self.last = now;
+        Some(Config::load(Some(&self.path)).map(|mut c| {
+            c.enforcement.dry_run |= self.dry_run;
+            c
+        }))
+    }
 }
 
 /// `gauge-agent record`: writes the preamble once the probes are attached (a caller
@@ -85,7 +189,7 @@ pub async fn record(
 ) -> anyhow::Result<()> {
     require_root("record")?;
     let capture = CaptureState::new();
-    let mut events = runtime::start(config.capture_options(), capture.clone())?;
+    let mut events = runtime::start(config.capture_options(), capture.clone())?.events;
     // Owner-only: even redacted, a recording holds prompts and completions.
     let file = std::fs::OpenOptions::new()
         .write(true)

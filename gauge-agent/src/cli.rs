@@ -21,6 +21,9 @@ pub enum Command {
         /// Listen address, overriding `server.listen` (default 127.0.0.1:9977).
         #[arg(long)]
         listen: Option<SocketAddr>,
+        /// Policies count and log violations but act on nothing.
+        #[arg(long)]
+        dry_run: bool,
     },
     /// List the files the running daemon has hooked, and why.
     Targets {

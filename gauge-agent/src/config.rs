@@ -8,6 +8,7 @@ use serde::Deserialize;
 use crate::{
     attribution::{AttributionConfig, rules::AgentRule},
     metering::{cardinality::LabelLimits, outcomes::OutcomesConfig, prices::PriceEntry},
+    policy::config::{EnforcementConfig, PolicyConfig},
     reassembly::Limits,
     source::{kernel::LoadOptions, runtime::CaptureOptions},
 };
@@ -37,6 +38,11 @@ pub struct Config {
     /// `[labels]`: most distinct values per label.
     #[serde(default)]
     pub labels: LabelLimits,
+    /// `[[policies]]`: guardrails, checked in order.
+    #[serde(default)]
+    pub policies: Vec<PolicyConfig>,
+    #[serde(default)]
+    pub enforcement: EnforcementConfig,
 }
 
 /// A regular expression, compiled (and so checked) while the config is read, so
@@ -166,6 +172,15 @@ impl Config {
         for (i, rule) in self.agents.iter().enumerate() {
             if rule.name.trim().is_empty() {
                 return Err(invalid(&format!("agents[{i}].name"), format!("{:?}", rule.name), "must name the agent"));
+            }
+        }
+        let mut names = std::collections::HashSet::new();
+        for (i, policy) in self.policies.iter().enumerate() {
+            if let Err(reason) = policy.validate() {
+                return Err(invalid(&format!("policies[{i}]"), format!("{:?}", policy.name), reason));
+            }
+            if !names.insert(policy.name.as_str()) {
+                return Err(invalid(&format!("policies[{i}].name"), format!("{:?}", policy.name), "names a policy already defined: names must be unique"));
             }
         }
         for (i, entry) in self.prices.iter().enumerate() {

@@ -16,4 +16,5 @@ pub mod http;
 pub mod llm;
 pub mod metering;
 pub mod pipeline;
+pub mod policy;
 pub mod reassembly;

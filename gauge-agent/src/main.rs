@@ -19,9 +19,9 @@ fn main() -> anyhow::Result<()> {
         .build()
         .context("cannot start the async runtime")?;
     match cli.command {
-        Command::Run { config, listen } => {
-            let config = app::load_config(config.as_ref())?;
-            runtime.block_on(app::run(config, listen))
+        Command::Run { config: path, listen, dry_run } => {
+            let config = app::load_config(path.as_ref())?;
+            runtime.block_on(app::run(config, path, listen, dry_run))
         }
         Command::Record { output, pid, comm, duration, no_redact, config } => {
             let config = app::load_config(config.as_ref())?;

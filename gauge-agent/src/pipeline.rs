@@ -1,6 +1,7 @@
 //! The synchronous pipeline after capture: reassembly -> LLM calls -> attribution ->
-//! metering (cost, outcomes). Fed one [`CaptureEvent`] at a time by the daemon, or
-//! by a replayed recording.
+//! metering (cost, outcomes) -> policy. Fed one [`CaptureEvent`] at a time by the
+//! daemon, or by a replayed recording; policy decisions come out as [`Command`]s for
+//! the daemon's executor.
 
 use prometheus_client::registry::Registry;
 
@@ -14,7 +15,8 @@ use crate::{
         prices::{Cost, PriceError, PriceTable},
     },
     reassembly::{Metered, Reassembler},
-    source::CaptureEvent,
+    policy::{Command, Guard, PolicyStage, engine::Subject},
+    source::{CaptureEvent, Payload},
 };
 
 /// How long after a failed call a repeat of its body counts as a retry.
@@ -36,6 +38,9 @@ pub struct Pipeline {
     llm: LlmMetrics,
     reassembly: ReassemblyMetrics,
     outcomes: Outcomes,
+    policy: PolicyStage,
+    /// Event time of the last policy tick (limits clearing), at most one a second.
+    last_tick_ns: u64,
     metered: Vec<Metered>,
     finished: Vec<Finished>,
 }
@@ -50,6 +55,9 @@ impl Pipeline {
         registry: &mut Registry,
     ) -> Result<Self, PriceError> {
         let caps = LabelCaps::register(config.labels.clone(), registry);
+        // SAFETY: getpid/getppid have no preconditions.
+        let (self_pid, parent_pid) = unsafe { (libc::getpid() as u32, libc::getppid() as u32) };
+        let guard = Guard { self_pid, parent_pid, config: config.enforcement.clone() };
         let prices = PriceTable::with_overrides(config.prices.clone())?;
         Ok(Self {
             reassembler: Reassembler::new(config.reassembly_limits()),
@@ -58,6 +66,8 @@ impl Pipeline {
             llm: LlmMetrics::register(registry, prices, caps.clone()),
             reassembly: ReassemblyMetrics::register(registry),
             outcomes: Outcomes::register(&config.outcomes, caps, clock, registry),
+            policy: PolicyStage::register(config.policies.clone(), guard, registry),
+            last_tick_ns: 0,
             metered: Vec::new(),
             finished: Vec::new(),
         })
@@ -68,9 +78,40 @@ impl Pipeline {
         self.outcomes.clone()
     }
 
+    /// Policy decisions made since last asked, for the executor.
+    pub fn take_commands(&mut self) -> Vec<Command> {
+        self.policy.take_commands()
+    }
+
+    /// A reloaded config's agents and policies; the rest needs a restart.
+    pub fn reload(&mut self, config: &Config) {
+        self.attributor.set_rules(config.agents.clone());
+        self.policy.reload(config.policies.clone(), config.enforcement.clone());
+    }
+
+    fn subject(&mut self, tgid: u32, comm: &str) -> (Subject, crate::attribution::process::ProcessInfo) {
+        let (info, agent) = self.attributor.process_agent(tgid, comm);
+        (Subject { tgid, agent, cgroup: info.cgroup.clone() }, info)
+    }
+
     /// Feeds one event; returns the calls it finished (for logs and tests).
     pub fn feed(&mut self, event: &CaptureEvent) -> &[Finished] {
-        self.attributor.observe(event);
+        if self.attributor.observe(event) && self.policy.active() {
+            let (subject, info) = self.subject(event.tgid, &event.comm);
+            self.policy.on_process(subject, &info);
+        }
+        match &event.payload {
+            Payload::Held { connection, call_len, offset, bytes } => {
+                let (subject, _) = self.subject(event.tgid, &event.comm);
+                self.policy.on_held(&subject, event.timestamp_ns, *connection, *call_len, *offset, bytes);
+            }
+            Payload::Stopped { signal, .. } => self.policy.on_stopped(event.tgid, *signal),
+            _ => {}
+        }
+        if event.timestamp_ns >= self.last_tick_ns.saturating_add(1_000_000_000) {
+            self.last_tick_ns = event.timestamp_ns;
+            self.policy.tick(event.timestamp_ns);
+        }
         self.metered.clear();
         self.finished.clear();
         self.reassembler.feed(event, &mut self.metered);
@@ -83,7 +124,16 @@ impl Pipeline {
             if let Some(cost) = cost {
                 self.outcomes.add_cost(&labels.agent, metered.call.end_ns, cost);
             }
-            self.finished.push(Finished { metered, who, cost });
+            let done = Finished { metered, who, cost };
+            if self.policy.active() {
+                let subject = Subject {
+                    tgid: done.who.pid,
+                    agent: done.who.agent.clone(),
+                    cgroup: self.attributor.cgroup_of(done.who.pid),
+                };
+                self.policy.on_finished(&done, &subject);
+            }
+            self.finished.push(done);
         }
         self.reassembly.update(self.reassembler.drops(), self.reassembler.open_connections());
         &self.finished

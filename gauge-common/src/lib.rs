@@ -5,6 +5,7 @@
 //! target and the host). User space decodes them with `TryFrom` (feature `user`).
 #![no_std]
 
+pub mod enforce;
 pub mod maps;
 pub mod tls;
 

@@ -5,6 +5,10 @@
 pub const EVENTS: &str = "EVENTS";
 /// Per-CPU array of `u64` counters indexed by [`crate::tls::Stat`] values.
 pub const STATS: &str = "STATS";
+/// Hash map tgid -> [`crate::enforce::Enforcement`]: processes under a policy.
+pub const ENFORCE: &str = "ENFORCE";
+/// LRU hash map [`crate::enforce::ConnectionKey`] -> `u8`: known LLM connections.
+pub const LLM_CONNECTIONS: &str = "LLM_CONNECTIONS";
 /// Global `u32`: the most bytes captured from one `SSL_write`/`SSL_read` call.
 pub const GLOBAL_MAX_CALL_BYTES: &str = "MAX_CALL_BYTES";
 /// Global `u32`: the agent's own tgid, whose TLS traffic is never captured.

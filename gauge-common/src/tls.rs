@@ -22,6 +22,12 @@ pub mod kind {
     pub const CLOSE: u32 = 3;
     /// A process called `execve`; the data is the executed file's path.
     pub const EXEC: u32 = 4;
+    /// An LLM request of a gated process, read at `SSL_write` entry: the process was
+    /// stopped (SIGSTOP) before the bytes left, until user space decides.
+    pub const HELD: u32 = 5;
+    /// An LLM request of a process over a limit: it was signalled at `SSL_write`
+    /// entry (the signal is in `offset`), the bytes did not leave.
+    pub const STOPPED: u32 = 6;
 }
 
 /// Header of every ring-buffer record. 64 bytes, no implicit padding.

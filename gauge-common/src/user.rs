@@ -1,10 +1,17 @@
 //! User-space side: `Pod` impls and decoding of raw ring-buffer records.
 
-use crate::tls::{HEADER_BYTES, TlsChunkHeader, kind};
+use crate::{
+    enforce::{ConnectionKey, Enforcement},
+    tls::{HEADER_BYTES, TlsChunkHeader, kind},
+};
 
 // SAFETY: TlsChunkHeader is repr(C), has only integer fields and no padding (asserted
 // by its size), so every bit pattern is a valid value.
 unsafe impl aya::Pod for TlsChunkHeader {}
+// SAFETY: two u32s, no padding.
+unsafe impl aya::Pod for Enforcement {}
+// SAFETY: u32 + explicit u32 padding + u64, no implicit padding.
+unsafe impl aya::Pod for ConnectionKey {}
 
 /// Why a raw record could not be decoded.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -35,7 +42,7 @@ impl<'a> TryFrom<&'a [u8]> for RawRecord<'a> {
         // read is unaligned because ring-buffer samples are only 8-byte aligned by
         // convention, not by contract.
         let header = unsafe { core::ptr::read_unaligned(head.as_ptr().cast::<TlsChunkHeader>()) };
-        if !matches!(header.kind, kind::WRITE | kind::READ | kind::CLOSE | kind::EXEC) {
+        if !matches!(header.kind, kind::WRITE | kind::READ | kind::CLOSE | kind::EXEC | kind::HELD | kind::STOPPED) {
             return Err(DecodeError::UnknownKind(header.kind));
         }
         // The kernel may round a record up; only a record shorter than declared is broken.

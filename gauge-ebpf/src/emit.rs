@@ -126,7 +126,14 @@ extern "C" fn copy_chunk(index: u64, ctx: *mut c_void) -> i64 {
 /// Emits a header-only record (connection close, exec).
 #[inline(always)]
 pub fn marker(kind: u32, connection: u64) {
+    marker_with(kind, connection, 0);
+}
+
+/// A header-only record carrying one number in `offset` (the signal of STOPPED).
+#[inline(always)]
+pub fn marker_with(kind: u32, connection: u64, value: u32) {
     if let Some(chunk) = scratch(kind, connection, 0) {
+        chunk.header.offset = value;
         output(chunk, 0);
     }
 }

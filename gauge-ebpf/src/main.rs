@@ -5,6 +5,7 @@
 #![no_main]
 
 mod emit;
+mod enforce;
 mod maps;
 mod probes;
 

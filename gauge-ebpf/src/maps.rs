@@ -2,9 +2,12 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{LruHashMap, PerCpuArray, RingBuf},
+    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
-use gauge_common::tls::{CHUNK_BYTES, MAX_CALL_BYTES as HARD_MAX_CALL_BYTES, TlsChunkHeader, stat};
+use gauge_common::{
+    enforce::{ConnectionKey, Enforcement},
+    tls::{CHUNK_BYTES, MAX_CALL_BYTES as HARD_MAX_CALL_BYTES, TlsChunkHeader, stat},
+};
 
 /// Captured records. User space sets the real size at load time.
 #[map]
@@ -26,6 +29,15 @@ pub static WRITE_ARGS: LruHashMap<u64, SavedCall> = LruHashMap::with_max_entries
 /// Same for `SSL_read*`.
 #[map]
 pub static READ_ARGS: LruHashMap<u64, SavedCall> = LruHashMap::with_max_entries(16384, 0);
+
+/// Processes under a policy (tgid -> what to enforce); written by user space only.
+#[map]
+pub static ENFORCE: HashMap<u32, Enforcement> = HashMap::with_max_entries(16384, 0);
+
+/// Connections user space recognised as LLM traffic. LRU: closed connections are
+/// never removed explicitly.
+#[map]
+pub static LLM_CONNECTIONS: LruHashMap<ConnectionKey, u8> = LruHashMap::with_max_entries(65536, 0);
 
 /// Most bytes captured from one call; user space sets it from the config.
 #[unsafe(no_mangle)]

@@ -37,7 +37,7 @@ pub fn streams(events: &[CaptureEvent], tgid: u32) -> BTreeMap<u64, Stream> {
                     stream.closed = true;
                 }
             }
-            Payload::Exec => {}
+            Payload::Exec | Payload::Held { .. } | Payload::Stopped { .. } => {}
         }
     }
     for ((connection, _, _), (call_len, got)) in call_seen {

@@ -132,29 +132,19 @@ impl Attributor {
 
     /// Reads a process the first time it is seen, and again when it executes a new
     /// program, so that a client that exits right after its call is still known.
-    pub fn observe(&mut self, event: &CaptureEvent) {
+    /// Returns whether it was (re)read.
+    pub fn observe(&mut self, event: &CaptureEvent) -> bool {
         if matches!(event.payload, Payload::Exec) || !self.table.contains(event.tgid) {
             let info = self.source.read(event.tgid).unwrap_or_else(|| ProcessInfo::from_comm(event.tgid, &event.comm));
             self.remember(info);
+            return true;
         }
+        false
     }
 
     pub fn attribute(&mut self, metered: &Metered) -> Attribution {
         let origin = &metered.origin;
-        let me = self.current(origin.tgid, &origin.comm);
-        let mut chain = vec![me];
-        while chain.len() <= MAX_ANCESTORS {
-            let Some(last) = chain.last() else { break };
-            // pid 1 (init) and 2 (kthreadd) parent everything: inheriting from them
-            // would give every orphan the same agent.
-            if last.ppid <= 2 || last.ppid == last.tgid {
-                break;
-            }
-            match self.ancestor(last.ppid) {
-                Some(parent) => chain.push(parent),
-                None => break,
-            }
-        }
+        let chain = self.chain(origin.tgid, &origin.comm);
         let request = &metered.call.request;
         let agent = self.agents.resolve(&chain, &request.headers).into_owned();
         let me = &chain[0];
@@ -168,6 +158,43 @@ impl Attributor {
             pid: me.tgid,
             exe: me.exe.clone(),
         }
+    }
+
+    /// A process and its agent as known from the process alone (no request), for
+    /// policies that act before a call is seen.
+    pub fn process_agent(&mut self, tgid: u32, comm: &str) -> (ProcessInfo, String) {
+        let mut chain = self.chain(tgid, comm);
+        let agent = self.agents.resolve(&chain, &[]).into_owned();
+        (chain.swap_remove(0), agent)
+    }
+
+    /// The process, then its ancestors, nearest first; never empty.
+    fn chain(&mut self, tgid: u32, comm: &str) -> Vec<ProcessInfo> {
+        let me = self.current(tgid, comm);
+        let mut chain = vec![me];
+        while chain.len() <= MAX_ANCESTORS {
+            let Some(last) = chain.last() else { break };
+            // pid 1 (init) and 2 (kthreadd) parent everything: inheriting from them
+            // would give every orphan the same agent.
+            if last.ppid <= 2 || last.ppid == last.tgid {
+                break;
+            }
+            match self.ancestor(last.ppid) {
+                Some(parent) => chain.push(parent),
+                None => break,
+            }
+        }
+        chain
+    }
+
+    /// The cgroup path of a remembered process ("" when unknown).
+    pub fn cgroup_of(&self, tgid: u32) -> String {
+        self.table.get(tgid).map(|p| p.cgroup.clone()).unwrap_or_default()
+    }
+
+    /// Rules changed (config reload).
+    pub fn set_rules(&mut self, agents: Vec<AgentRule>) {
+        self.agents.rules = agents;
     }
 
     fn remember(&mut self, info: ProcessInfo) {
@@ -214,10 +241,7 @@ impl Attributor {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{
-        llm::{Endpoint, LlmCall, Provider, UsageSource},
-        reassembly::Origin,
-    };
+    use crate::{llm::LlmCall, reassembly::Origin};
 
     /// A process table that knows one parent (pid 10) and its child (pid 11).
     struct Family;
@@ -237,27 +261,7 @@ mod tests {
     }
 
     fn metered(tgid: u32, request: RequestContext) -> Metered {
-        let call = LlmCall {
-            provider: Provider::OpenAi,
-            endpoint: Endpoint::ChatCompletions,
-            request_model: None,
-            response_model: None,
-            status: Some(200),
-            stream: false,
-            start_ns: 0,
-            first_byte_ns: None,
-            first_token_ns: None,
-            end_ns: 0,
-            error_type: None,
-            request_id: None,
-            usage: None,
-            usage_source: UsageSource::None,
-            retry_count: None,
-            body_hash: 0,
-            incomplete: false,
-            by_shape: false,
-            request,
-        };
+        let call = LlmCall { request, ..LlmCall::for_test(Some(200)) };
         Metered { origin: Origin { tgid, comm: "curl".into(), cgroup_id: 0 }, call }
     }
 

@@ -76,7 +76,14 @@ impl<S: CaptureStats> Collector for CaptureCollector<S> {
             "gauge_capture_events",
             "Capture records received by the agent, by kind.",
             "kind",
-            &[("write", get(&c.writes)), ("read", get(&c.reads)), ("close", get(&c.closes)), ("exec", get(&c.execs))],
+            &[
+                ("write", get(&c.writes)),
+                ("read", get(&c.reads)),
+                ("close", get(&c.closes)),
+                ("exec", get(&c.execs)),
+                ("held", get(&c.held)),
+                ("stopped", get(&c.stopped)),
+            ],
         )?;
         counter(
             &mut encoder,

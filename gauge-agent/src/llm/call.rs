@@ -49,6 +49,34 @@ pub struct LlmCall {
     pub request: RequestContext,
 }
 
+#[cfg(test)]
+impl LlmCall {
+    /// A plain finished chat call with the given status, for tests.
+    pub(crate) fn for_test(status: Option<u16>) -> Self {
+        Self {
+            provider: Provider::OpenAi,
+            endpoint: Endpoint::ChatCompletions,
+            request_model: Some("gpt-4o-mini".into()),
+            response_model: None,
+            status,
+            stream: false,
+            start_ns: 0,
+            first_byte_ns: None,
+            first_token_ns: None,
+            end_ns: 0,
+            error_type: None,
+            request_id: None,
+            usage: None,
+            usage_source: UsageSource::None,
+            retry_count: None,
+            body_hash: 0,
+            incomplete: false,
+            by_shape: false,
+            request: RequestContext::default(),
+        }
+    }
+}
+
 /// Where a call's token counts come from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum UsageSource {

@@ -317,7 +317,8 @@ impl Reassembler {
                     conn.close(now, out);
                 }
             }
-            Payload::Exec => {}
+            // Enforcement records: the policy stage's, not a connection's bytes.
+            Payload::Exec | Payload::Held { .. } | Payload::Stopped { .. } => {}
         }
     }
 

@@ -34,6 +34,11 @@ pub enum Payload {
     Close { connection: u64 },
     /// The process executed a new program.
     Exec,
+    /// A chunk of an LLM request of a gated process, read at `SSL_write` entry: the
+    /// process is stopped until the policy stage releases it.
+    Held { connection: u64, call_len: u32, offset: u32, bytes: Vec<u8> },
+    /// A process over a limit was sent `signal` at an LLM request; nothing was sent.
+    Stopped { connection: u64, signal: u32 },
 }
 
 /// One captured event with the identity of the task that caused it.
@@ -54,7 +59,7 @@ impl CaptureEvent {
     pub fn connection_key(&self) -> Option<(u32, u64)> {
         match self.payload {
             Payload::Data { connection, .. } | Payload::Close { connection } => Some((self.tgid, connection)),
-            Payload::Exec => None,
+            Payload::Exec | Payload::Held { .. } | Payload::Stopped { .. } => None,
         }
     }
 }
@@ -80,6 +85,8 @@ impl TryFrom<&[u8]> for CaptureEvent {
                 bytes: data.to_vec(),
             },
             kind::CLOSE => Payload::Close { connection },
+            kind::HELD => Payload::Held { connection, call_len, offset, bytes: data.to_vec() },
+            kind::STOPPED => Payload::Stopped { connection, signal: offset },
             // RawRecord only accepts known kinds.
             _ => Payload::Exec,
         };

@@ -5,11 +5,12 @@ use std::path::Path;
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{MapData, PerCpuArray, RingBuf},
+    maps::{HashMap, MapData, PerCpuArray, RingBuf},
     programs::{RawTracePoint, UProbe, uprobe::UProbeScope},
 };
 use gauge_common::{
-    maps::{EVENTS, GLOBAL_MAX_CALL_BYTES, STATS, programs as prog},
+    enforce::{ConnectionKey, Enforcement},
+    maps::{ENFORCE, EVENTS, GLOBAL_MAX_CALL_BYTES, LLM_CONNECTIONS, STATS, programs as prog},
     tls::{self, stat},
 };
 
@@ -122,6 +123,43 @@ impl KernelCapture {
         let map = self.ebpf.take_map(STATS).ok_or(KernelError::Missing(STATS))?;
         let array = PerCpuArray::try_from(map).map_err(|source| KernelError::Map { name: STATS, source })?;
         Ok(KernelStatsReader { array })
+    }
+}
+
+impl KernelCapture {
+    /// The maps through which policies act in the kernel (can be taken once).
+    pub fn take_enforcement(&mut self) -> Result<EnforcementMaps, KernelError> {
+        let map = self.ebpf.take_map(ENFORCE).ok_or(KernelError::Missing(ENFORCE))?;
+        let enforce = HashMap::try_from(map).map_err(|source| KernelError::Map { name: ENFORCE, source })?;
+        let map = self.ebpf.take_map(LLM_CONNECTIONS).ok_or(KernelError::Missing(LLM_CONNECTIONS))?;
+        let connections = HashMap::try_from(map).map_err(|source| KernelError::Map { name: LLM_CONNECTIONS, source })?;
+        Ok(EnforcementMaps { enforce, connections })
+    }
+}
+
+/// What the probes enforce at `SSL_write` entry, per process.
+pub struct EnforcementMaps {
+    enforce: HashMap<MapData, u32, Enforcement>,
+    connections: HashMap<MapData, ConnectionKey, u8>,
+}
+
+impl EnforcementMaps {
+    pub fn set(&mut self, tgid: u32, enforcement: Enforcement) -> Result<(), aya::maps::MapError> {
+        self.enforce.insert(tgid, enforcement, 0)
+    }
+
+    pub fn clear(&mut self, tgid: u32) {
+        // Absent already is fine: the goal is that it is absent.
+        let _ = self.enforce.remove(&tgid);
+    }
+
+    /// Every write on this connection is an LLM request's from now on.
+    pub fn mark_llm(&mut self, tgid: u32, ssl: u64) -> Result<(), aya::maps::MapError> {
+        self.connections.insert(ConnectionKey { tgid, _pad: 0, ssl }, 1, 0)
+    }
+
+    pub fn tgids(&self) -> Vec<u32> {
+        self.enforce.keys().filter_map(Result::ok).collect()
     }
 }
 

@@ -87,8 +87,11 @@ impl<W: Write> Writer<W> {
         Ok(Self { out, redact, redactors: HashMap::new() })
     }
 
+    /// Writes one event; enforcement records (held, stopped) are not part of a
+    /// recording: the request's bytes come again as a write when it is released.
     pub fn write(&mut self, event: &CaptureEvent) -> Result<(), RecordingError> {
         let what = match &event.payload {
+            Payload::Held { .. } | Payload::Stopped { .. } => return Ok(()),
             Payload::Data { direction, connection, call_len, offset, bytes } => {
                 let mut bytes = bytes.clone();
                 if self.redact {

@@ -28,7 +28,7 @@ use super::{
     CaptureEvent, Payload,
     discovery::{self, Candidate, Offer, Planner, Target},
     elf,
-    kernel::{KernelCapture, KernelError, KernelStats, KernelStatsReader, LoadOptions, raise_memlock_rlimit},
+    kernel::{EnforcementMaps, KernelCapture, KernelError, KernelStats, KernelStatsReader, LoadOptions, raise_memlock_rlimit},
 };
 
 /// How the live capture is set up (from the `[capture]` config section).
@@ -52,6 +52,9 @@ pub struct CaptureCounters {
     pub decode_errors: AtomicU64,
     pub queue_full: AtomicU64,
     pub exec_queue_full: AtomicU64,
+    /// Enforcement records: LLM requests held at entry, and blocked ones.
+    pub held: AtomicU64,
+    pub stopped: AtomicU64,
 }
 
 /// What the capture shares with the rest of the agent (metrics, `/targets`), created
@@ -84,11 +87,12 @@ const RESCAN_AFTER: [Duration; 3] = [Duration::from_millis(100), Duration::from_
 /// Loads the probes, attaches to every TLS library in use or in the linker cache,
 /// and starts draining events into the returned channel. Returns once the first
 /// attach pass is done. Must be called inside a tokio runtime.
-pub fn start(options: CaptureOptions, state: Arc<CaptureState>) -> Result<mpsc::Receiver<CaptureEvent>, KernelError> {
+pub fn start(options: CaptureOptions, state: Arc<CaptureState>) -> Result<Capture, KernelError> {
     raise_memlock_rlimit();
     let mut kernel = KernelCapture::load(options.load)?;
     let ring = kernel.take_ring()?;
     let stats = kernel.take_stats()?;
+    let enforcement = kernel.take_enforcement()?;
 
     let mut planner = Planner::default();
     let proc_root = PathBuf::from("/proc");
@@ -120,7 +124,13 @@ pub fn start(options: CaptureOptions, state: Arc<CaptureState>) -> Result<mpsc::
     let (events_tx, events) = mpsc::channel(options.queue_events.max(1));
     let reader = RingReader { state, events: events_tx, execs: exec_tx };
     tokio::spawn(reader.run(ring));
-    Ok(events)
+    Ok(Capture { events, enforcement })
+}
+
+/// A started capture: its events, and the maps through which policies act in the kernel.
+pub struct Capture {
+    pub events: mpsc::Receiver<CaptureEvent>,
+    pub enforcement: EnforcementMaps,
 }
 
 /// Inspects a candidate and attaches to it when it is a new TLS library.
@@ -255,6 +265,12 @@ impl RingReader {
             }
             Payload::Close { .. } => {
                 c.closes.fetch_add(1, Relaxed);
+            }
+            Payload::Held { .. } => {
+                c.held.fetch_add(1, Relaxed);
+            }
+            Payload::Stopped { .. } => {
+                c.stopped.fetch_add(1, Relaxed);
             }
             Payload::Exec => {
                 c.execs.fetch_add(1, Relaxed);

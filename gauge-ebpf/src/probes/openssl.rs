@@ -16,7 +16,7 @@ use aya_ebpf::{
 use gauge_common::tls::{kind, stat};
 
 use crate::{
-    emit,
+    emit, enforce,
     maps::{READ_ARGS, SavedCall, WRITE_ARGS, count},
 };
 
@@ -74,6 +74,8 @@ fn finish_ex(ctx: &RetProbeContext, calls: &LruHashMap<u64, SavedCall>, kind: u3
 #[uprobe]
 pub fn ssl_write_entry(ctx: ProbeContext) -> u32 {
     save(&ctx, &WRITE_ARGS, None);
+    let num = ctx.arg::<u64>(2).unwrap_or(0) as u32 as i32;
+    enforce::at_write(ctx.arg::<u64>(0).unwrap_or(0), ctx.arg::<u64>(1).unwrap_or(0), num.max(0) as u64);
     0
 }
 
@@ -87,6 +89,7 @@ pub fn ssl_write_return(ctx: RetProbeContext) -> u32 {
 #[uprobe]
 pub fn ssl_write_ex_entry(ctx: ProbeContext) -> u32 {
     save(&ctx, &WRITE_ARGS, Some(3));
+    enforce::at_write(ctx.arg::<u64>(0).unwrap_or(0), ctx.arg::<u64>(1).unwrap_or(0), ctx.arg::<u64>(2).unwrap_or(0));
     0
 }
 
