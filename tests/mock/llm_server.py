@@ -8,6 +8,9 @@ Usage: llm_server.py CERT KEY PORT_FILE (the server binds a free port itself, so
 concurrent tests cannot race for one, and writes it to PORT_FILE once listening)
 Models with special behaviour:
   "fail-once-*": the first request with a given body gets 429 (retry-after-ms: 10).
+  "always-429-*": every request gets 429 (retry-after-ms: 10).
+Every complete request is counted by model in PORT_FILE.received (JSON), so a test
+can tell what reached the provider.
 """
 import asyncio
 import base64
@@ -33,6 +36,17 @@ GEMINI_USAGE = {"promptTokenCount": 12, "cachedContentTokenCount": 2, "candidate
                 "thoughtsTokenCount": 6, "totalTokenCount": 22}
 
 seen_bodies = set()
+received = {}
+received_file = None
+
+
+def count(model):
+    received[model] = received.get(model, 0) + 1
+    tmp = received_file + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(received, f)
+    import os
+    os.rename(tmp, received_file)
 
 
 async def read_body(receive):
@@ -133,6 +147,11 @@ async def app(scope, receive, send):
     raw = await read_body(receive)
     request = json.loads(raw or b"{}")
     model = request.get("model", "")
+    count(model)
+    if model.startswith("always-429"):
+        await send_json(send, 429, {"error": {"message": "slow down", "type": "requests", "code": "rate_limit_exceeded"}},
+                        accept_gzip, headers=[("retry-after-ms", "10")])
+        return
     if model.startswith("fail-once"):
         first = raw not in seen_bodies
         seen_bodies.add(raw)
@@ -183,7 +202,9 @@ def main():
     from hypercorn.config import Config
     import os
     import socket
+    global received_file
     cert, key, port_file = sys.argv[1:4]
+    received_file = port_file + ".received"
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
     sock.listen(128)

@@ -239,6 +239,11 @@ impl Daemon {
     }
 
     pub fn stop(mut self) -> std::process::ExitStatus {
+        self.terminate()
+    }
+
+    /// SIGTERM, and waits for the daemon to exit.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
         // SAFETY: signalling our own child.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
         // Exit includes detaching every probe, serialized in the kernel with those of

@@ -155,6 +155,7 @@ fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
 pub struct MockLlm {
     child: std::process::Child,
     pub port: u16,
+    received: PathBuf,
 }
 
 impl MockLlm {
@@ -173,12 +174,22 @@ impl MockLlm {
         let start = Instant::now();
         loop {
             if let Some(port) = std::fs::read_to_string(&port_file).ok().and_then(|p| p.trim().parse().ok()) {
-                return Self { child, port };
+                let received = PathBuf::from(format!("{}.received", port_file.display()));
+                return Self { child, port, received };
             }
             assert!(child.try_wait().expect("wait").is_none(), "mock LLM server exited");
             assert!(start.elapsed() < Duration::from_secs(20), "mock LLM server did not start");
             thread::sleep(Duration::from_millis(50));
         }
+    }
+}
+
+impl MockLlm {
+    /// Complete requests the mock received for `model` (as asked, before any suffix).
+    pub fn received(&self, model: &str) -> u64 {
+        let text = std::fs::read_to_string(&self.received).unwrap_or_default();
+        let counts: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+        counts.get(model).and_then(serde_json::Value::as_u64).unwrap_or(0)
     }
 }
 

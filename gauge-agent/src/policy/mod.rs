@@ -183,15 +183,12 @@ impl PolicyStage {
             self.known.remove(&subject.tgid);
             return;
         }
-        let gate = self.engine.gates(&subject.agent) && !self.all_dry(&subject.agent);
-        if gate {
+        // Dry-run policies hold requests too (and always release them), so that they
+        // count exactly what the real policy would act on.
+        if self.engine.gates(&subject.agent) {
             self.commands.push(Command::Gate { tgid: subject.tgid });
         }
         self.known.insert(subject.tgid, subject);
-    }
-
-    fn all_dry(&self, agent: &str) -> bool {
-        self.engine.policies().iter().filter(|p| p.applies_to(agent)).all(|p| self.dry_run(p))
     }
 
     pub fn forget(&mut self, tgid: u32) {

@@ -62,11 +62,12 @@ fn dry_run_counts_but_releases() {
     let mut s = stage(GATED_KILL, EnforcementConfig { dry_run: true, ..Default::default() });
     let (subject, info) = bot(42);
     s.on_process(subject.clone(), &info);
-    assert!(s.take_commands().is_empty(), "nothing is gated in dry-run");
+    assert_eq!(s.take_commands(), vec![Command::Gate { tgid: 42 }], "held to be counted, then released");
     let other = request("gpt-4o", 0);
     s.on_held(&subject, 2, 7, other.len() as u32, 0, &other);
     let commands = s.take_commands();
     assert!(!commands.iter().any(|c| matches!(c, Command::Signal { signal: SIGKILL, .. })), "{commands:?}");
+    assert!(commands.contains(&Command::Signal { pid: 42, signal: SIGCONT, after: Duration::ZERO }), "{commands:?}");
 }
 
 #[test]
