@@ -146,17 +146,20 @@ async fn sleep_until(at: Option<Instant>) {
     }
 }
 
-/// Notices changes to the config file by its modification time and contents.
+/// Notices changes to the config file by its modification time and length, once
+/// they have settled for a poll (an editor that truncates, then writes, must not
+/// have its half-written file loaded).
 struct ConfigWatch {
     path: PathBuf,
     last: Option<(std::time::SystemTime, u64)>,
+    seen: Option<(std::time::SystemTime, u64)>,
     dry_run: bool,
 }
 
 impl ConfigWatch {
     fn new(path: PathBuf, dry_run: bool) -> Self {
         let last = Self::stamp(&path);
-        Self { path, last, dry_run }
+        Self { path, last, seen: last, dry_run }
     }
 
     fn stamp(path: &Path) -> Option<(std::time::SystemTime, u64)> {
@@ -167,7 +170,9 @@ impl ConfigWatch {
     /// The new config when the file changed since last looked at.
     fn changed(&mut self) -> Option<Result<Config, crate::config::ConfigError>> {
         let now = Self::stamp(&self.path);
-        if now.is_none() || now == self.last {
+        let settled = now == self.seen;
+        self.seen = now;
+        if now.is_none() || now == self.last || !settled {
             return None;
         }
         self.last = now;

@@ -179,6 +179,8 @@ pub struct Daemon {
     child: Child,
     pub addr: String,
     pub log: Log,
+    /// The config file it runs with (rewrite it to test reloads).
+    pub config: PathBuf,
     _dir: tempfile::TempDir,
 }
 
@@ -208,7 +210,7 @@ impl Daemon {
             .and_then(|rest| rest.split_whitespace().next())
             .unwrap_or_else(|| panic!("no listen address in the daemon log:\n{text}"))
             .to_owned();
-        Self { child, addr, log, _dir: dir }
+        Self { child, addr, log, config: config_path, _dir: dir }
     }
 
     /// GET `path` on the daemon's listener: (status, body).

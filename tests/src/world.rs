@@ -23,7 +23,7 @@ pub fn with<'a>(base: &Labels<'a>, extra: &Labels<'a>) -> Vec<(&'a str, &'a str)
 pub fn sum(metrics: &str, metric: &str, labels: &Labels<'_>) -> f64 {
     metrics
         .lines()
-        .filter(|l| l.starts_with(&format!("{metric}{{")))
+        .filter(|l| l.strip_prefix(metric).is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' ')))
         .filter(|l| labels.iter().all(|(k, v)| l.contains(&format!("{k}=\"{v}\""))))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()

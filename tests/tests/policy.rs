@@ -322,3 +322,40 @@ fn state(pid: u32) -> Option<char> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     stat.rfind(')').and_then(|i| stat[i + 2..].chars().next())
 }
+
+#[test]
+fn policies_reload_from_the_config_file_and_a_broken_file_keeps_the_running_ones() {
+    if !kernel_tests_enabled("policy reload end to end") {
+        return;
+    }
+    let world = World::start(AGENTS);
+    let bin = tempfile::tempdir().expect("tempdir");
+    let copy = bin.path().join("gauge-dry-bot");
+    std::fs::copy("/usr/bin/curl", &copy).expect("copy curl");
+    let url = format!("https://127.0.0.1:{}/v1/chat/completions", world.mock.port);
+    let call = || {
+        let mut curl = Command::new(&copy);
+        curl.args(["-sS", "--fail", "--http1.1", "--cacert"])
+            .arg(&world.cert)
+            .args(["-H", "content-type: application/json", "-d", r#"{"model":"reload-model","messages":[]}"#, &url]);
+        clients::run("curl", &mut curl);
+    };
+    let violations = || sum(&metrics(&world), "gauge_policy_violations_total", &[("policy", "dry")]);
+    call();
+    assert_eq!(violations(), 0.0, "no policy yet");
+    std::fs::write(&world.daemon.config, config(&[DRY])).expect("rewrite config");
+    world.daemon.log.wait_for(&["config reloaded"], Duration::from_secs(20));
+    call();
+    assert_eq!(violations(), 1.0, "the reloaded policy counts:\n{}", world.daemon.log.text());
+    std::fs::write(&world.daemon.config, format!("{}\n[[policies]]\nname = \"x\"\nagent = \"*\"\nmax_requests = -1\n", config(&[DRY])))
+        .expect("break config");
+    let start = Instant::now();
+    while sum(&metrics(&world), "gauge_config_reload_failures_total", &[]) < 1.0 {
+        assert!(start.elapsed() < Duration::from_secs(20), "the broken config was not noticed:\n{}", world.daemon.log.text());
+        thread::sleep(Duration::from_millis(100));
+    }
+    let log = world.daemon.log.text();
+    assert!(log.contains("config reload refused") && log.contains("max_requests") && log.contains("line"), "{log}");
+    call();
+    assert_eq!(violations(), 2.0, "the running policies stay");
+}
