@@ -328,9 +328,12 @@ fn policies_reload_from_the_config_file_and_a_broken_file_keeps_the_running_ones
     if !kernel_tests_enabled("policy reload end to end") {
         return;
     }
-    let world = World::start(AGENTS);
+    let agent = "[[agents]]\nname = \"reloaded\"\nmatch = { comm = \"gauge-reload\" }\n";
+    // Its own agent and policy: other tests' daemons run at the same time.
+    let policy = "[[policies]]\nname = \"reloaded\"\nagent = \"reloaded\"\nallowed_models = [\"nothing\"]\naction = \"kill\"\ngate = true\ndry_run = true\n";
+    let world = World::start(agent);
     let bin = tempfile::tempdir().expect("tempdir");
-    let copy = bin.path().join("gauge-dry-bot");
+    let copy = bin.path().join("gauge-reload");
     std::fs::copy("/usr/bin/curl", &copy).expect("copy curl");
     let url = format!("https://127.0.0.1:{}/v1/chat/completions", world.mock.port);
     let call = || {
@@ -340,14 +343,14 @@ fn policies_reload_from_the_config_file_and_a_broken_file_keeps_the_running_ones
             .args(["-H", "content-type: application/json", "-d", r#"{"model":"reload-model","messages":[]}"#, &url]);
         clients::run("curl", &mut curl);
     };
-    let violations = || sum(&metrics(&world), "gauge_policy_violations_total", &[("policy", "dry")]);
+    let violations = || sum(&metrics(&world), "gauge_policy_violations_total", &[("policy", "reloaded")]);
     call();
     assert_eq!(violations(), 0.0, "no policy yet");
-    std::fs::write(&world.daemon.config, config(&[DRY])).expect("rewrite config");
+    std::fs::write(&world.daemon.config, format!("{agent}{policy}")).expect("rewrite config");
     world.daemon.log.wait_for(&["config reloaded"], Duration::from_secs(20));
     call();
     assert_eq!(violations(), 1.0, "the reloaded policy counts:\n{}", world.daemon.log.text());
-    std::fs::write(&world.daemon.config, format!("{}\n[[policies]]\nname = \"x\"\nagent = \"*\"\nmax_requests = -1\n", config(&[DRY])))
+    std::fs::write(&world.daemon.config, format!("{agent}{policy}\n[[policies]]\nname = \"x\"\nagent = \"*\"\nmax_requests = -1\n"))
         .expect("break config");
     let start = Instant::now();
     while sum(&metrics(&world), "gauge_config_reload_failures_total", &[]) < 1.0 {
