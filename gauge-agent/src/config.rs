@@ -6,6 +6,7 @@ use std::{net::SocketAddr, path::{Path, PathBuf}};
 use serde::Deserialize;
 
 use crate::{
+    anomaly::config::AnomalyConfig,
     attribution::{AttributionConfig, rules::AgentRule},
     metering::{cardinality::LabelLimits, outcomes::OutcomesConfig, prices::PriceEntry},
     policy::config::{EnforcementConfig, PolicyConfig},
@@ -43,6 +44,8 @@ pub struct Config {
     pub policies: Vec<PolicyConfig>,
     #[serde(default)]
     pub enforcement: EnforcementConfig,
+    #[serde(default)]
+    pub anomaly: AnomalyConfig,
 }
 
 /// A regular expression, compiled (and so checked) while the config is read, so
@@ -173,6 +176,9 @@ impl Config {
             if rule.name.trim().is_empty() {
                 return Err(invalid(&format!("agents[{i}].name"), format!("{:?}", rule.name), "must name the agent"));
             }
+        }
+        if let Err((key, reason)) = self.anomaly.validate() {
+            return Err(invalid(key, String::new(), reason));
         }
         let mut names = std::collections::HashSet::new();
         for (i, policy) in self.policies.iter().enumerate() {

@@ -2,9 +2,11 @@
 //!
 //! The data path, one module per stage:
 //! `source` (kernel capture, replay) -> `reassembly` (with `http`) -> `llm` ->
-//! `attribution` -> `metering` (tokens, cost, outcomes) -> `export` (Prometheus).
+//! `attribution` -> `metering` (tokens, cost, outcomes) -> `anomaly` (detectors,
+//! forecasts) -> `policy` (guardrails) -> `export` (Prometheus).
 //! `pipeline` chains the synchronous stages; `app` wires the commands.
 
+pub mod anomaly;
 pub mod app;
 pub mod attribution;
 pub mod cli;

@@ -6,6 +6,7 @@
 use prometheus_client::registry::Registry;
 
 use crate::{
+    anomaly::{AnomalyStage, BudgetState},
     attribution::{Attribution, Attributor, process::ProcessSource},
     config::Config,
     metering::{
@@ -38,6 +39,7 @@ pub struct Pipeline {
     llm: LlmMetrics,
     reassembly: ReassemblyMetrics,
     outcomes: Outcomes,
+    anomaly: AnomalyStage,
     policy: PolicyStage,
     /// Event time of the last policy tick (limits clearing), at most one a second.
     last_tick_ns: u64,
@@ -66,6 +68,7 @@ impl Pipeline {
             llm: LlmMetrics::register(registry, prices, caps.clone()),
             reassembly: ReassemblyMetrics::register(registry),
             outcomes: Outcomes::register(&config.outcomes, caps, clock, registry),
+            anomaly: AnomalyStage::register(&config.anomaly, PriceTable::with_overrides(config.prices.clone())?, clock, registry),
             policy: PolicyStage::register(config.policies.clone(), guard, registry),
             last_tick_ns: 0,
             metered: Vec::new(),
@@ -125,6 +128,7 @@ impl Pipeline {
                 self.outcomes.add_cost(&labels.agent, metered.call.end_ns, cost);
             }
             let done = Finished { metered, who, cost };
+            let findings = self.anomaly.observe(&done, &labels.agent);
             if self.policy.active() {
                 let subject = Subject {
                     tgid: done.who.pid,
@@ -132,6 +136,12 @@ impl Pipeline {
                     cgroup: self.attributor.cgroup_of(done.who.pid),
                 };
                 self.policy.on_finished(&done, &subject);
+                for f in &findings {
+                    self.policy.on_anomaly(&subject, f.kind.label(), f.observed, f.threshold);
+                }
+                for (policy, spent, max, window_minutes) in self.policy.budgets(&subject, done.metered.call.end_ns) {
+                    self.anomaly.set_budget(&labels.agent, &policy, BudgetState { spent, max, window_minutes });
+                }
             }
             self.finished.push(done);
         }

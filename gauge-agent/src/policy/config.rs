@@ -27,6 +27,9 @@ pub struct PolicyConfig {
     pub max_input_tokens: Option<u64>,
     /// Per request: models allowed (exact names, or one regex).
     pub allowed_models: Option<AllowedModels>,
+    /// Trigger on an anomaly of this kind (spend_spike, retry_storm, loop,
+    /// context_growth, model_escalation) for the agent.
+    pub on_anomaly: Option<String>,
     #[serde(default = "minute", deserialize_with = "duration")]
     pub window: Duration,
     pub action: Action,
@@ -142,8 +145,11 @@ impl PolicyConfig {
             return Err("a policy needs a name");
         }
         let limits = [self.max_retries, self.max_requests, self.max_errors, self.max_identical_requests, self.max_input_tokens];
-        if limits.iter().all(Option::is_none) && self.max_cost_usd.is_none() && self.allowed_models.is_none() {
-            return Err("a policy needs at least one limit: max_retries, max_requests, max_errors, max_identical_requests, max_cost_usd, max_input_tokens or allowed_models");
+        if limits.iter().all(Option::is_none) && self.max_cost_usd.is_none() && self.allowed_models.is_none() && self.on_anomaly.is_none() {
+            return Err("a policy needs at least one limit: max_retries, max_requests, max_errors, max_identical_requests, max_cost_usd, max_input_tokens, allowed_models or on_anomaly");
+        }
+        if self.on_anomaly.as_deref().is_some_and(|k| crate::anomaly::detectors::Kind::from_label(k).is_none()) {
+            return Err("on_anomaly must be one of spend_spike, retry_storm, loop, context_growth, model_escalation");
         }
         if self.window.is_zero() {
             return Err("window must be longer than zero");

@@ -237,6 +237,16 @@ impl Engine {
         None
     }
 
+    /// USD spent in policy `i`'s window for `key` at `now_ns`.
+    pub fn spent(&mut self, i: usize, key: &ScopeKey, now_ns: u64) -> f64 {
+        let Some(p) = self.policies.get(i) else { return 0.0 };
+        let width = bucket_ns(p);
+        let oldest = (now_ns / width).saturating_sub(BUCKETS - 1);
+        let since = now_ns.saturating_sub(p.window.as_nanos().min(u128::from(u64::MAX)) as u64);
+        let window = self.windows.entry((i, key.clone())).or_default();
+        window.totals(oldest, since).cost_pico as f64 / 1e12
+    }
+
     /// Whether policy `i` is still over a window limit for `key` at `now_ns`.
     pub fn still_over(&mut self, i: usize, key: &ScopeKey, now_ns: u64) -> bool {
         self.over(i, key, now_ns, None).is_some()

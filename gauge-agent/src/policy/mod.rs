@@ -210,18 +210,24 @@ impl PolicyStage {
             body_hash: call.body_hash,
         };
         for violation in self.engine.on_call(subject, facts) {
-            let policy = &self.engine.policies()[violation.policy];
-            self.count_violation(policy.name.clone(), &subject.agent, violation.limit);
-            log_violation(policy, &subject.agent, subject.tgid, &violation, self.dry_run(policy));
-            if self.dry_run(policy) || policy.action == Action::Alert {
-                continue;
-            }
-            let signal = if policy.action == Action::Kill { SIGKILL } else { SIGSTOP };
-            let gate = self.engine.gates(&subject.agent);
-            for tgid in self.in_scope(&violation.key) {
-                self.commands.push(Command::Block { tgid, signal, gate });
-                self.armed.insert(tgid, Armed { violation: violation.clone(), agent: subject.agent.clone() });
-            }
+            let policy = self.engine.policies()[violation.policy].clone();
+            self.arm(&policy, subject, violation);
+        }
+    }
+
+    /// A limit crossed outside a held request: counted, logged, and (unless dry-run
+    /// or alert-only) the processes in scope are armed in the kernel.
+    fn arm(&mut self, policy: &PolicyConfig, subject: &Subject, violation: Violation) {
+        self.count_violation(policy.name.clone(), &subject.agent, violation.limit);
+        log_violation(policy, &subject.agent, subject.tgid, &violation, self.dry_run(policy));
+        if self.dry_run(policy) || policy.action == Action::Alert {
+            return;
+        }
+        let signal = if policy.action == Action::Kill { SIGKILL } else { SIGSTOP };
+        let gate = self.engine.gates(&subject.agent);
+        for tgid in self.in_scope(&violation.key) {
+            self.commands.push(Command::Block { tgid, signal, gate });
+            self.armed.insert(tgid, Armed { violation: violation.clone(), agent: subject.agent.clone() });
         }
     }
 
@@ -260,6 +266,13 @@ impl PolicyStage {
             retry: write.retry,
             new_request: write.new_request,
         };
+        // Armed since (a limit or an anomaly) but held before the kernel map was set.
+        if let Some(armed) = self.armed.get(&subject.tgid).cloned()
+            && let Some(policy) = self.engine.policies().get(armed.violation.policy).cloned()
+        {
+            self.act(&policy, &subject.agent, subject.tgid, true);
+            return false;
+        }
         let violation = self.engine.on_request(subject, &facts);
         let Some(violation) = violation else {
             self.commands.push(Command::Signal { pid: subject.tgid, signal: SIGCONT, after: Duration::ZERO });
@@ -316,6 +329,43 @@ impl PolicyStage {
         self.commands.extend(commands);
         self.actions.get_or_create(&ActionLabels { agent: agent.to_owned(), policy: policy.name.clone(), action: policy.action.label() }).inc();
         tracing::warn!(policy = %policy.name, agent, pid, action = policy.action.label(), cooldown = ?policy.cooldown, "policy action");
+    }
+
+    /// An anomaly of `kind` for the subject's agent: policies triggered by it act
+    /// like a crossed limit (the agent's processes are stopped at their next request).
+    pub fn on_anomaly(&mut self, subject: &Subject, kind: &'static str, observed: f64, allowed: f64) {
+        let triggered: Vec<usize> = self
+            .engine
+            .policies()
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| p.on_anomaly.as_deref() == Some(kind) && p.applies_to(&subject.agent))
+            .map(|(i, _)| i)
+            .collect();
+        for i in triggered {
+            let policy = self.engine.policies()[i].clone();
+            let violation = Violation { policy: i, key: self.engine.key(i, subject), limit: kind, observed, allowed };
+            self.arm(&policy, subject, violation);
+        }
+    }
+
+    /// Budget policies of this subject: (policy, spent in its window, limit, window minutes).
+    pub fn budgets(&mut self, subject: &Subject, now_ns: u64) -> Vec<(String, f64, f64, u64)> {
+        let budgets: Vec<(usize, String, f64, u64)> = self
+            .engine
+            .policies()
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| p.applies_to(&subject.agent))
+            .filter_map(|(i, p)| p.max_cost_usd.map(|max| (i, p.name.clone(), max.0, p.window.as_secs() / 60)))
+            .collect();
+        budgets
+            .into_iter()
+            .map(|(i, name, max, window)| {
+                let key = self.engine.key(i, subject);
+                (name, self.engine.spent(i, &key, now_ns), max, window)
+            })
+            .collect()
     }
 
     /// Disarms processes whose limits the window has cleared.
