@@ -32,7 +32,7 @@ fn llm_counters(events: &[CaptureEvent]) -> String {
     let mut lines: Vec<&str> = text
         .lines()
         .filter(|l| {
-            ["gauge_llm_requests_total", "gauge_llm_tokens_total", "gauge_llm_reasoning_tokens_total", "gauge_llm_retries_total", "gauge_llm_cost_usd_total", "gauge_llm_unpriced_calls_total", "gauge_llm_unmetered_calls_total", "gauge_http_dropped_total", "gauge_http2_hpack_desyncs_total"]
+            ["gauge_llm_requests_total", "gauge_llm_tokens_total", "gauge_llm_reasoning_tokens_total", "gauge_llm_retries_total", "gauge_anomalies_total", "gauge_llm_cost_usd_total", "gauge_llm_unpriced_calls_total", "gauge_llm_unmetered_calls_total", "gauge_http_dropped_total", "gauge_http2_hpack_desyncs_total"]
                 .iter()
                 .any(|m| l.starts_with(m))
         })
@@ -53,6 +53,8 @@ fn recorded_clients_replay_to_their_golden_metrics() {
         let (preamble, events) = recording::read(std::io::BufReader::new(file)).expect("fixture parses");
         assert!(preamble.redacted, "{}: fixtures must be redacted recordings", path.display());
         let got = llm_counters(&events);
+        // Real clients behaving normally: no detector may fire on them.
+        assert!(!got.contains("gauge_anomalies_total"), "{}: false positive anomaly:\n{got}", path.display());
         let golden = path.with_extension("golden");
         if std::env::var("GAUGE_UPDATE_GOLDEN").is_ok_and(|v| v == "1") {
             std::fs::write(&golden, &got).expect("write golden");

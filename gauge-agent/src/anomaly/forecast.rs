@@ -2,8 +2,9 @@
 //!
 //! The model, per agent, on per-minute series:
 //! - call rate: level = EWMA of calls per minute (half-life 5 min, idle minutes count
-//!   as zero, so a retry storm's jump shows within minutes); trend = least-squares
-//!   slope over the last 30 minutes;
+//!   as zero, so a retry storm's jump shows within minutes); trend = Theil-Sen slope
+//!   (the median of pairwise slopes) over the last 30 minutes, which follows steady
+//!   growth but not a one-off jump (the level takes that);
 //! - cost per call: the same on the minutes that had calls, so context growth (each
 //!   call carrying the conversation so far) and model mix show as a rising cost per
 //!   call;
@@ -78,6 +79,22 @@ fn ewma(values: impl Iterator<Item = f64>) -> Option<f64> {
     values.fold(None, |acc, v| Some(acc.map_or(v, |a: f64| a + alpha * (v - a))))
 }
 
+/// The median of the slopes between every pair of points (x = 0, 1, 2, ...).
+pub fn theil_sen(values: &[f64]) -> f64 {
+    let mut slopes = Vec::with_capacity(values.len() * values.len() / 2);
+    for (i, a) in values.iter().enumerate() {
+        for (j, b) in values.iter().enumerate().skip(i + 1) {
+            slopes.push((b - a) / (j - i) as f64);
+        }
+    }
+    if slopes.is_empty() {
+        return 0.0;
+    }
+    slopes.sort_by(f64::total_cmp);
+    let mid = slopes.len() / 2;
+    if slopes.len().is_multiple_of(2) { (slopes[mid - 1] + slopes[mid]) / 2.0 } else { slopes[mid] }
+}
+
 /// The model of one agent's spend, from its dense per-minute history.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Model {
@@ -94,7 +111,7 @@ impl Model {
         let active: Vec<f64> = history.iter().filter(|(c, _)| *c > 0.0).map(|(c, u)| u / c).collect();
         let recent = |v: &[f64]| v[v.len().saturating_sub(TREND_MINUTES)..].to_vec();
         let warm = history.len() >= WARMUP;
-        let trend_of = |v: &[f64]| if warm { super::detectors::slope(recent(v).into_iter()) } else { 0.0 };
+        let trend_of = |v: &[f64]| if warm { theil_sen(&recent(v)) } else { 0.0 };
         Some(Self {
             calls: Trend { level: ewma(calls.iter().copied())?, slope: trend_of(&calls) },
             cost_per_call: Trend { level: ewma(active.iter().copied()).unwrap_or(0.0), slope: trend_of(&active) },
@@ -160,10 +177,10 @@ impl Forecaster {
     }
 }
 
-#[cfg(test)]
-pub(crate) mod traces {
-    //! Synthetic per-minute traces with known growth, for the back-test (here and in
-    //! the `forecast` bench): (calls, usd) for minutes 0..120.
+pub mod traces {
+    //! Synthetic per-minute traces with known growth, for the back-test (the tests
+    //! below and `cargo bench -p gauge-agent --bench forecast`): (calls, usd) for
+    //! minutes 0..120.
 
     /// Call rate growing linearly from 2 to 10 per minute; $0.01 per call.
     pub fn linear() -> Vec<(f64, f64)> {
@@ -209,6 +226,14 @@ mod tests {
             let (model, naive) = traces::backtest(&trace);
             assert!(model < naive, "{name}: model error {model:.3} is not below naive {naive:.3}");
         }
+    }
+
+    #[test]
+    fn a_jump_moves_the_level_not_the_trend() {
+        let step: Vec<f64> = (0..30).map(|m| if m < 20 { 2.0 } else { 10.0 }).collect();
+        assert_eq!(theil_sen(&step), 0.0);
+        let line: Vec<f64> = (0..30).map(|m| 1.0 + 0.5 * m as f64).collect();
+        assert_eq!(theil_sen(&line), 0.5);
     }
 
     #[test]
