@@ -55,6 +55,8 @@ pub struct Observation {
     /// Prompt tokens: uncached input plus cache reads and writes.
     pub prompt_tokens: u64,
     pub body_hash: u64,
+    /// The tool calls the request's latest assistant turn made (see `RequestContext`).
+    pub tool_calls: Option<u64>,
     /// The conversation, from a session header; `None` groups by model.
     pub session: Option<String>,
     /// The model's input price (USD per million tokens), when priced.
@@ -81,6 +83,7 @@ struct AgentState {
     /// (time, went wrong) of recent calls.
     outcomes: VecDeque<(u64, bool)>,
     bodies: HashMap<u64, VecDeque<u64>>,
+    tool_patterns: HashMap<u64, VecDeque<u64>>,
     conversations: HashMap<(u32, String), VecDeque<u64>>,
     calls: u64,
     baseline_price: Option<f64>,
@@ -211,25 +214,40 @@ fn retry_storm(c: &AnomalyConfig, s: &mut AgentState, o: &Observation) -> Option
     })
 }
 
+/// A loop: the same request body again, or (bodies growing with the history) the
+/// model making the same tool call with the same arguments again.
 fn repeated_body(c: &AnomalyConfig, s: &mut AgentState, o: &Observation) -> Option<Found> {
     let cfg = &c.loops;
-    let since = o.at_ns.saturating_sub(cfg.window.as_nanos().min(u128::from(u64::MAX)) as u64);
-    s.bodies.retain(|_, times| {
-        while times.front().is_some_and(|t| *t < since) {
-            times.pop_front();
-        }
-        !times.is_empty()
-    });
     // A retry repeats its body by design: the retry-storm detector counts those.
-    if o.retry || (s.bodies.len() >= MAX_BODIES && !s.bodies.contains_key(&o.body_hash)) {
+    if o.retry {
         return None;
     }
-    let times = s.bodies.entry(o.body_hash).or_default();
-    times.push_back(o.at_ns);
-    let repeats = times.len();
-    (repeats >= cfg.repeats as usize).then(|| {
-        (Kind::Loop, repeats as f64, f64::from(cfg.repeats), format!("the same request sent {repeats} times within {:?}", cfg.window))
-    })
+    let since = o.at_ns.saturating_sub(cfg.window.as_nanos().min(u128::from(u64::MAX)) as u64);
+    let repeats = |seen: &mut HashMap<u64, VecDeque<u64>>, key: u64| {
+        seen.retain(|_, times| {
+            while times.front().is_some_and(|t| *t < since) {
+                times.pop_front();
+            }
+            !times.is_empty()
+        });
+        if seen.len() >= MAX_BODIES && !seen.contains_key(&key) {
+            return 0;
+        }
+        let times = seen.entry(key).or_default();
+        times.push_back(o.at_ns);
+        times.len()
+    };
+    let body = repeats(&mut s.bodies, o.body_hash);
+    let tool = o.tool_calls.map_or(0, |pattern| repeats(&mut s.tool_patterns, pattern));
+    let wanted = cfg.repeats as usize;
+    if body >= wanted {
+        Some((Kind::Loop, body as f64, f64::from(cfg.repeats), format!("the same request sent {body} times within {:?}", cfg.window)))
+    } else if tool >= wanted {
+        let detail = format!("the same tool call with the same arguments made {tool} times within {:?}", cfg.window);
+        Some((Kind::Loop, tool as f64, f64::from(cfg.repeats), detail))
+    } else {
+        None
+    }
 }
 
 fn context_growth(c: &AnomalyConfig, s: &mut AgentState, o: &Observation) -> Option<Found> {
@@ -349,6 +367,9 @@ mod tests {
         // Loop: the same body again and again, answered fine.
         let looping = (0..5).map(|i| Observation { body_hash: 42, cost_usd: 0.01, ..call(i * 20, 0.0) }).collect();
         assert_eq!(after(looping), vec![Kind::Loop]);
+        // Loop: growing bodies, but the same tool call again and again.
+        let tool_loop = (0..5).map(|i| Observation { tool_calls: Some(7), cost_usd: 0.01, ..call(i * 20, 0.0) }).collect();
+        assert_eq!(after(tool_loop), vec![Kind::Loop]);
         // Context growth: a conversation whose prompt grows by 3000 tokens a call.
         let growing = (0..5)
             .map(|i| Observation { prompt_tokens: 1000 + 3000 * i, session: Some("s1".into()), cost_usd: 0.01, ..call(i * 20, 0.0) })

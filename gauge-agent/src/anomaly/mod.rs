@@ -112,6 +112,7 @@ impl AnomalyStage {
             model: call.model().to_owned(),
             prompt_tokens: usage.input + usage.cache_read + usage.cache_write,
             body_hash: call.body_hash,
+            tool_calls: call.request.last_tool_calls,
             session: self.session_headers.iter().find_map(|h| call.request.header(h)).map(str::to_owned),
             input_price: self.prices.cost(call.provider.label(), call.model(), million).map(|c| c.usd()),
         };

@@ -21,6 +21,10 @@ pub struct RequestContext {
     pub user: Option<String>,
     /// String values of the body's `metadata` object (OpenAI, Anthropic `user_id`).
     pub metadata: Vec<(String, String)>,
+    /// Hash of the tool calls the model made last in this conversation (the latest
+    /// assistant turn the request carries): the same value request after request
+    /// means the agent keeps calling the same tool with the same arguments.
+    pub last_tool_calls: Option<u64>,
 }
 
 impl RequestContext {
@@ -35,8 +39,9 @@ impl RequestContext {
         Self { headers, ..Self::default() }
     }
 
-    /// Takes `user` and `metadata` from a parsed request body.
+    /// Takes `user`, `metadata` and the last tool calls from a parsed request body.
     pub fn read_body(&mut self, body: &serde_json::Value) {
+        self.last_tool_calls = last_tool_calls(body);
         self.user = body.get("user").and_then(|u| u.as_str()).map(bounded);
         if let Some(metadata) = body.get("metadata").and_then(|m| m.as_object()) {
             self.metadata = metadata
@@ -58,6 +63,41 @@ impl RequestContext {
     pub fn metadata(&self, key: &str) -> Option<&str> {
         self.metadata.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
     }
+}
+
+/// The tool calls of the latest assistant turn in a request: OpenAI chat
+/// (`messages[].tool_calls[].function`), Anthropic (`messages[].content[]` of type
+/// `tool_use`), OpenAI Responses (`input[]` items of type `function_call`).
+fn last_tool_calls(body: &serde_json::Value) -> Option<u64> {
+    use std::hash::{DefaultHasher, Hash as _, Hasher as _};
+    let mut hasher = DefaultHasher::new();
+    let mut any = false;
+    let mut add = |name: &serde_json::Value, args: &serde_json::Value| {
+        name.to_string().hash(&mut hasher);
+        args.to_string().hash(&mut hasher);
+        any = true;
+    };
+    if let Some(messages) = body.get("messages").and_then(|m| m.as_array()) {
+        let last = messages.iter().rev().find(|m| m.get("role").and_then(|r| r.as_str()) == Some("assistant"))?;
+        for call in last.get("tool_calls").and_then(|c| c.as_array()).into_iter().flatten() {
+            let function = &call["function"];
+            add(&function["name"], &function["arguments"]);
+        }
+        for block in last.get("content").and_then(|c| c.as_array()).into_iter().flatten() {
+            if block.get("type").and_then(|t| t.as_str()) == Some("tool_use") {
+                add(&block["name"], &block["input"]);
+            }
+        }
+    } else if let Some(items) = body.get("input").and_then(|i| i.as_array()) {
+        // The latest run of function calls, after the last user message.
+        let turn = items.iter().rposition(|i| i.get("role").and_then(|r| r.as_str()) == Some("user")).map_or(0, |p| p + 1);
+        for item in &items[turn..] {
+            if item.get("type").and_then(|t| t.as_str()) == Some("function_call") {
+                add(&item["name"], &item["arguments"]);
+            }
+        }
+    }
+    any.then(|| hasher.finish())
 }
 
 fn bounded(s: &str) -> String {
@@ -83,6 +123,30 @@ mod tests {
         assert_eq!(context.headers, vec![("x-gauge-workflow".to_owned(), "triage".to_owned())]);
         assert_eq!(context.header("X-Gauge-Workflow"), Some("triage"));
         assert_eq!(context.header(""), None);
+    }
+
+    #[test]
+    fn the_last_tool_calls_name_a_pattern_across_requests() {
+        let turn = |history: &str, args: &str| {
+            let body = serde_json::json!({"messages": [
+                {"role": "user", "content": history},
+                {"role": "assistant", "tool_calls": [{"id": history, "type": "function", "function": {"name": "lookup", "arguments": args}}]},
+                {"role": "tool", "tool_call_id": history, "content": "not found"},
+            ]});
+            let mut c = RequestContext::default();
+            c.read_body(&body);
+            c.last_tool_calls
+        };
+        assert!(turn("a", "{\"id\":1}").is_some());
+        assert_eq!(turn("a", "{\"id\":1}"), turn("a much longer history", "{\"id\":1}"), "call ids and history do not count");
+        assert_ne!(turn("a", "{\"id\":1}"), turn("a", "{\"id\":2}"));
+        let anthropic = serde_json::json!({"messages": [{"role": "assistant", "content": [{"type": "tool_use", "id": "x", "name": "lookup", "input": {"id": 1}}]}]});
+        let mut c = RequestContext::default();
+        c.read_body(&anthropic);
+        assert!(c.last_tool_calls.is_some());
+        let plain = serde_json::json!({"messages": [{"role": "user", "content": "hi"}]});
+        c.read_body(&plain);
+        assert_eq!(c.last_tool_calls, None);
     }
 
     #[test]
