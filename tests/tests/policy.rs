@@ -31,6 +31,9 @@ match = { cmdline = "budget-marker" }
 name = "context-bot"
 match = { cmdline = "context-marker" }
 [[agents]]
+name = "context-h2-bot"
+match = { cmdline = "context-h2-marker" }
+[[agents]]
 name = "guarded"
 match = { comm = "gauge-guarded" }
 [[agents]]
@@ -119,11 +122,16 @@ fn config(policies: &[&str]) -> String {
 
 /// The openai SDK, `max_retries` retries, against model `model` (argv: marker).
 fn sdk_calls(model: &str, calls: usize, max_retries: u32, prompt_words: usize) -> String {
+    sdk_script(model, calls, max_retries, prompt_words, false)
+}
+
+fn sdk_script(model: &str, calls: usize, max_retries: u32, prompt_words: usize, http2: bool) -> String {
+    let client = if http2 { "http_client=httpx2.Client(http2=True)" } else { "http_client=None" };
     format!(
         r#"
-import os, sys, openai
+import os, sys, httpx2, openai
 base = "https://127.0.0.1:%s/v1" % os.environ["GAUGE_TEST_PORT"]
-oa = openai.OpenAI(base_url=base, api_key="sk-test-secret-0123456789abcdef", max_retries={max_retries})
+oa = openai.OpenAI(base_url=base, api_key="sk-test-secret-0123456789abcdef", max_retries={max_retries}, {client})
 prompt = "word " * {prompt_words}
 for i in range({calls}):
     try:
@@ -230,6 +238,23 @@ fn an_oversized_prompt_is_held_and_never_sent_while_a_small_one_passes() {
     let m = metrics(&world);
     assert_eq!(sum(&m, "gauge_policy_violations_total", &[("policy", "context-ceiling"), ("limit", "max_input_tokens")]), 1.0, "{m}");
     assert!(sum(&m, "gauge_policy_held_requests_total", &[("agent", "context-bot"), ("decision", "released")]) >= 1.0, "{m}");
+}
+
+#[test]
+fn an_oversized_prompt_over_http2_is_held_once_the_connection_is_known() {
+    if !kernel_tests_enabled("context ceiling over HTTP/2 end to end") {
+        return;
+    }
+    let policy = CONTEXT_CEILING.replace("\"context-bot\"", "\"context-h2-bot\"");
+    let world = World::start(&config(&[&policy]));
+    // The first call ("hi") marks the HTTP/2 connection as LLM traffic; the second,
+    // 5000 words on the same connection, is held frame by frame and stopped.
+    let mut client = spawn(&world, &sdk_script("context-h2-model", 2, 0, 5000, true), "context-h2-marker");
+    let status = wait(&mut client, "the HTTP/2 long-prompt client", &world);
+    assert_eq!(status.signal(), Some(libc::SIGKILL), "{}", world.daemon.log.text());
+    assert_eq!(world.mock.received("context-h2-model"), 1, "{}", world.daemon.log.text());
+    let m = metrics(&world);
+    assert_eq!(sum(&m, "gauge_policy_violations_total", &[("policy", "context-ceiling"), ("limit", "max_input_tokens")]), 1.0, "{m}");
 }
 
 #[test]

@@ -262,7 +262,7 @@ mod tests {
 
     fn metered(tgid: u32, request: RequestContext) -> Metered {
         let call = LlmCall { request, ..LlmCall::for_test(Some(200)) };
-        Metered { origin: Origin { tgid, comm: "curl".into(), cgroup_id: 0 }, call }
+        Metered { origin: Origin { tgid, comm: "curl".into(), cgroup_id: 0, connection: 1 }, call }
     }
 
     fn attributor(config: &str) -> Attributor {

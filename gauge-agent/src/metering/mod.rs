@@ -385,7 +385,7 @@ mod tests {
         let caps = LabelCaps::register(Default::default(), &mut registry);
         let mut metrics = LlmMetrics::register(&mut registry, test_prices(), caps);
         let usage = Usage { input: 1_234_567, cache_read: 200, cache_write: 100, output: 33, reasoning: 0 };
-        let metered = Metered { origin: Origin { tgid: 1, comm: "bot".into(), cgroup_id: 0 }, call: call(usage) };
+        let metered = Metered { origin: Origin { tgid: 1, comm: "bot".into(), cgroup_id: 0, connection: 1 }, call: call(usage) };
         let labels = metrics.labels(&metered.call, &who());
         let cost = metrics.record(&metered, &labels, true).expect("priced");
         // 1234567 x 2.5 + 200 x 0.125 + 100 x 3.75 + 33 x 12.5 micro-dollars.
@@ -418,7 +418,7 @@ mod tests {
             // Reasoning is part of output: not billed twice.
             (Usage { output: 2, reasoning: 2, ..Default::default() }, 25.0),
         ] {
-            let metered = Metered { origin: Origin { tgid: 1, comm: "bot".into(), cgroup_id: 0 }, call: call(usage) };
+            let metered = Metered { origin: Origin { tgid: 1, comm: "bot".into(), cgroup_id: 0, connection: 1 }, call: call(usage) };
             let labels = metrics.labels(&metered.call, &who());
             let cost = metrics.record(&metered, &labels, false).expect("priced");
             assert_eq!(cost.pico_usd as f64 / 1e6, micro_usd, "{usage:?}");
@@ -432,7 +432,7 @@ mod tests {
         let mut metrics = LlmMetrics::register(&mut registry, test_prices(), caps);
         let mut unpriced = call(Usage { input: 10, ..Default::default() });
         unpriced.response_model = Some("house-model-7b".into());
-        let metered = Metered { origin: Origin { tgid: 1, comm: "bot".into(), cgroup_id: 0 }, call: unpriced };
+        let metered = Metered { origin: Origin { tgid: 1, comm: "bot".into(), cgroup_id: 0, connection: 1 }, call: unpriced };
         let who = Attribution { customer: Some("acme".into()), ..who() };
         let labels = metrics.labels(&metered.call, &who);
         assert_eq!(metrics.record(&metered, &labels, false), None);

@@ -52,7 +52,7 @@ mod tests {
 
     fn call(status: Option<u16>, hash: u64, at: u64, retry_count: Option<u32>) -> Metered {
         Metered {
-            origin: Origin { tgid: 1, comm: "bot".into(), cgroup_id: 0 },
+            origin: Origin { tgid: 1, comm: "bot".into(), cgroup_id: 0, connection: 1 },
             call: LlmCall {
                 provider: Provider::OpenAi,
                 endpoint: Endpoint::ChatCompletions,

@@ -1,7 +1,9 @@
 //! Requests held at `SSL_write` entry, read back into what a policy checks: is it an
 //! LLM request, which model, how many prompt tokens, which body, is it a retry. A
 //! request may span several writes (head, then body): each write is decided on its
-//! own, with the body seen so far.
+//! own, with the body seen so far. HTTP/2 writes (on connections already known as LLM
+//! traffic) are read frame by frame: a HEADERS frame starts a request (its HPACK
+//! block is left to reassembly), DATA frames are its body.
 
 use std::{
     collections::HashMap,
@@ -45,6 +47,8 @@ struct Pending {
     /// Bytes of the current write collected over its chunks.
     write: Vec<u8>,
     seq: u64,
+    /// HTTP/2: request bodies by stream.
+    streams: HashMap<u32, Vec<u8>>,
 }
 
 #[derive(Debug, Default)]
@@ -81,8 +85,73 @@ impl HeldRequests {
     }
 }
 
+/// One HTTP/2 frame: type, flags, stream, payload.
+type Frame<'a> = (u8, u8, u32, &'a [u8]);
+
+/// HTTP/2 frames of one write, if that is what it holds: the client preface and
+/// whole frames only.
+fn h2_frames(write: &[u8]) -> Option<Vec<Frame<'_>>> {
+    let mut rest = write.strip_prefix(crate::http::h2::PREFACE).unwrap_or(write);
+    let mut frames = Vec::new();
+    while rest.len() >= 9 {
+        let len = (usize::from(rest[0]) << 16) | (usize::from(rest[1]) << 8) | usize::from(rest[2]);
+        let (kind, flags) = (rest[3], rest[4]);
+        let stream = u32::from_be_bytes([rest[5], rest[6], rest[7], rest[8]]) & 0x7fff_ffff;
+        let payload = rest.get(9..9 + len)?;
+        frames.push((kind, flags, stream, payload));
+        rest = &rest[9 + len..];
+    }
+    (rest.is_empty() && !frames.is_empty() && frames.iter().all(|(kind, ..)| *kind <= 9)).then_some(frames)
+}
+
+const DATA: u8 = 0;
+const HEADERS: u8 = 1;
+const END_STREAM: u8 = 0x1;
+const PADDED: u8 = 0x8;
+
+fn read_h2(pending: &mut Pending, held: &mut HeldWrite, frames: &[Frame<'_>]) {
+    let mut last = None;
+    let mut ended = false;
+    for &(kind, flags, stream, payload) in frames {
+        match kind {
+            HEADERS => {
+                // Known LLM connection: every request on it is one.
+                held.new_request = true;
+                held.llm = true;
+                pending.streams.insert(stream, Vec::new());
+            }
+            DATA => {
+                let data = if flags & PADDED != 0 {
+                    let pad = usize::from(payload.first().copied().unwrap_or(0));
+                    payload.get(1..payload.len().saturating_sub(pad)).unwrap_or_default()
+                } else {
+                    payload
+                };
+                let body = pending.streams.entry(stream).or_default();
+                let room = MAX_BODY.saturating_sub(body.len());
+                body.extend_from_slice(&data[..data.len().min(room)]);
+                last = Some(stream);
+                ended = flags & END_STREAM != 0;
+            }
+            _ => {}
+        }
+    }
+    if pending.streams.len() > 256 {
+        pending.streams.clear();
+    }
+    let Some(stream) = last else { return };
+    let body = if ended { pending.streams.remove(&stream).unwrap_or_default() } else { pending.streams.get(&stream).cloned().unwrap_or_default() };
+    read_body(held, &body, ended);
+}
+
 fn read_write(pending: &mut Pending, tgid: u32, connection: u64, write: &[u8]) -> HeldWrite {
     let mut held = HeldWrite { tgid, connection, ..HeldWrite::default() };
+    if !write.starts_with(b"POST ")
+        && let Some(frames) = h2_frames(write)
+    {
+        read_h2(pending, &mut held, &frames);
+        return held;
+    }
     let mut headers = [httparse::EMPTY_HEADER; 64];
     let mut request = httparse::Request::new(&mut headers);
     let body = match request.parse(write) {
@@ -104,25 +173,30 @@ fn read_write(pending: &mut Pending, tgid: u32, connection: u64, write: &[u8]) -
     };
     let room = MAX_BODY.saturating_sub(pending.body.len());
     pending.body.extend_from_slice(&body[..body.len().min(room)]);
-    if pending.body.is_empty() {
-        return held;
-    }
     let complete = pending.content_length.is_none_or(|n| pending.body.len() >= n);
-    match serde_json::from_slice::<serde_json::Value>(&pending.body) {
+    read_body(&mut held, &pending.body, complete);
+    held
+}
+
+/// Model, prompt tokens and (once complete) the body hash of a request body.
+fn read_body(held: &mut HeldWrite, body: &[u8], complete: bool) {
+    if body.is_empty() {
+        return;
+    }
+    match serde_json::from_slice::<serde_json::Value>(body) {
         Ok(json) => {
             held.model = json.get("model").and_then(|m| m.as_str()).map(str::to_owned);
             let model = held.model.as_deref().unwrap_or("");
             held.input_tokens = estimate::count(model, &estimate::request_text(&json));
         }
         // An unfinished body: its raw text bounds the prompt's tokens from above.
-        Err(_) => held.input_tokens = estimate::count("", &String::from_utf8_lossy(&pending.body)),
+        Err(_) => held.input_tokens = estimate::count("", &String::from_utf8_lossy(body)),
     }
     if complete {
         let mut hasher = DefaultHasher::new();
-        hasher.write(&pending.body);
+        hasher.write(body);
         held.body_hash = Some(hasher.finish());
     }
-    held
 }
 
 #[cfg(test)]
@@ -151,6 +225,21 @@ mod tests {
         let second = held.feed(1, 2, body.len() as u32, 0, body.as_bytes()).expect("body");
         assert!(!second.new_request && second.body_hash.is_some());
         assert_eq!(second.model.as_deref(), Some("gpt-4o"));
+    }
+
+    #[test]
+    fn http2_frames_give_the_stream_body() {
+        let body = br#"{"model":"gpt-4o","messages":[{"role":"user","content":"hi"}]}"#;
+        let frame = |kind: u8, flags: u8, payload: &[u8]| {
+            let mut f = vec![0, (payload.len() >> 8) as u8, payload.len() as u8, kind, flags, 0, 0, 0, 3];
+            f.extend_from_slice(payload);
+            f
+        };
+        let mut write = frame(HEADERS, 0x4, b"\x83\x86");
+        write.extend(frame(DATA, END_STREAM, body));
+        let held = HeldRequests::default().feed(1, 2, write.len() as u32, 0, &write).expect("one chunk");
+        assert!(held.new_request && held.llm && held.body_hash.is_some());
+        assert_eq!(held.model.as_deref(), Some("gpt-4o"));
     }
 
     #[test]

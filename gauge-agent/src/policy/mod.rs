@@ -118,6 +118,8 @@ pub struct PolicyStage {
     armed: HashMap<u32, Armed>,
     /// Processes known, with their agent (for agent and cgroup scopes).
     known: HashMap<u32, Subject>,
+    /// Connections marked as LLM traffic in the kernel.
+    marked: std::collections::HashSet<(u32, u64)>,
     commands: Vec<Command>,
     actions: Family<ActionLabels, Counter>,
     violations: Family<ViolationLabels, Counter>,
@@ -132,6 +134,7 @@ impl PolicyStage {
             guard,
             armed: HashMap::new(),
             known: HashMap::new(),
+            marked: Default::default(),
             commands: Vec::new(),
             actions: Family::default(),
             violations: Family::default(),
@@ -201,6 +204,15 @@ impl PolicyStage {
         if !self.known.contains_key(&subject.tgid) {
             return;
         }
+        // Its connection carries LLM calls: the probes hold or block every later
+        // request on it, whatever its protocol (HTTP/2 writes have no request line).
+        let connection = (subject.tgid, done.metered.origin.connection);
+        if self.marked.len() >= 65536 {
+            self.marked.clear();
+        }
+        if self.marked.insert(connection) {
+            self.commands.push(Command::MarkLlm { tgid: connection.0, connection: connection.1 });
+        }
         let call = &done.metered.call;
         let facts = CallFacts {
             at_ns: call.end_ns,
@@ -255,7 +267,7 @@ impl PolicyStage {
 
     /// Returns whether the request was released.
     fn decide(&mut self, subject: &Subject, at_ns: u64, write: &HeldWrite) -> bool {
-        if write.llm {
+        if write.llm && self.marked.insert((write.tgid, write.connection)) {
             self.commands.push(Command::MarkLlm { tgid: write.tgid, connection: write.connection });
         }
         let facts = RequestFacts {

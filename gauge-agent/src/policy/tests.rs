@@ -93,13 +93,17 @@ fn an_ungated_limit_arms_the_kernel_and_clears_with_the_window() {
     s.on_process(subject.clone(), &info);
     assert!(s.take_commands().is_empty(), "not gated");
     let call = crate::llm::LlmCall::for_test(Some(500));
-    let origin = crate::reassembly::Origin { tgid: 42, comm: "python3".into(), cgroup_id: 0 };
+    let origin = crate::reassembly::Origin { tgid: 42, comm: "python3".into(), cgroup_id: 0, connection: 1 };
     let mut failed = Finished { metered: crate::reassembly::Metered { origin, call }, who: Default::default(), cost: None };
     for at in [1, 2] {
         failed.metered.call.end_ns = at * 1_000_000_000;
         s.on_finished(&failed, &subject);
     }
-    assert_eq!(s.take_commands(), vec![Command::Block { tgid: 42, signal: SIGSTOP, gate: false }]);
+    assert_eq!(
+        s.take_commands(),
+        vec![Command::MarkLlm { tgid: 42, connection: 1 }, Command::Block { tgid: 42, signal: SIGSTOP, gate: false }],
+        "its connection is marked as LLM traffic, then the process is armed"
+    );
     s.on_stopped(42, SIGSTOP);
     assert_eq!(
         s.take_commands(),

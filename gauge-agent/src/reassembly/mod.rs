@@ -76,6 +76,8 @@ pub struct Origin {
     pub tgid: u32,
     pub comm: String,
     pub cgroup_id: u64,
+    /// The connection (`SSL*`) the call was made on.
+    pub connection: u64,
 }
 
 /// A finished call with where it came from.
@@ -250,7 +252,7 @@ impl Reassembler {
                 let key = (event.tgid, *connection);
                 if !self.connections.contains_key(&key) {
                     self.make_room(now, out);
-                    let origin = Origin { tgid: event.tgid, comm: event.comm.clone(), cgroup_id: event.cgroup_id };
+                    let origin = Origin { tgid: event.tgid, comm: event.comm.clone(), cgroup_id: event.cgroup_id, connection: *connection };
                     self.connections.insert(key, Connection::new(origin, now));
                 }
                 let Some(conn) = self.connections.get_mut(&key) else { return };
