@@ -14,6 +14,7 @@ use prometheus_client::registry::Registry;
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
+    config_watch::ConfigWatch,
     attribution::{Attributor, container::MetadataRoots, process::ProcFs},
     policy::{cgroup::CgroupFs, executor::Executor},
     source::{CaptureEvent, Payload, discovery},
@@ -60,12 +61,7 @@ pub async fn run(mut config: Config, config_path: Option<PathBuf>, listen: Optio
     let runtime::Capture { mut events, enforcement } = runtime::start(config.capture_options(), capture.clone())?;
     executor.set_maps(enforcement);
     if !config.policies.is_empty() {
-        // Processes already running are put under their policies now, not at their
-        // first captured byte (which may be the request to stop).
-        for pid in discovery::all_pids(&proc_root) {
-            let event = CaptureEvent { timestamp_ns: monotonic_ns(), tgid: pid, tid: pid, cgroup_id: 0, comm: String::new(), payload: Payload::Exec };
-            pipeline.feed(&event);
-        }
+        adopt_running(&mut pipeline, &proc_root);
         executor.run(pipeline.take_commands(), Instant::now());
         tracing::info!(policies = config.policies.len(), dry_run = config.enforcement.dry_run, "policies armed");
     }
@@ -109,10 +105,7 @@ pub async fn run(mut config: Config, config_path: Option<PathBuf>, listen: Optio
                             executor.release_all();
                             executor.set_hold_timeout(Duration::from_millis(new.enforcement.hold_timeout_ms));
                             pipeline.reload(&new);
-                            for pid in discovery::all_pids(&proc_root) {
-                                let event = CaptureEvent { timestamp_ns: monotonic_ns(), tgid: pid, tid: pid, cgroup_id: 0, comm: String::new(), payload: Payload::Exec };
-                                pipeline.feed(&event);
-                            }
+                            adopt_running(&mut pipeline, &proc_root);
                             executor.run(pipeline.take_commands(), Instant::now());
                             tracing::info!(policies = new.policies.len(), agents = new.agents.len(), "config reloaded (agents, policies, enforcement; other sections need a restart)");
                         }
@@ -139,47 +132,19 @@ pub async fn run(mut config: Config, config_path: Option<PathBuf>, listen: Optio
     Ok(())
 }
 
+/// Puts the processes already running under the policies now, as if each had just
+/// executed, rather than at its first captured byte (which may be the request to stop).
+fn adopt_running(pipeline: &mut Pipeline, proc_root: &Path) {
+    for pid in discovery::all_pids(proc_root) {
+        let event = CaptureEvent { timestamp_ns: monotonic_ns(), tgid: pid, tid: pid, cgroup_id: 0, comm: String::new(), payload: Payload::Exec };
+        pipeline.feed(&event);
+    }
+}
+
 async fn sleep_until(at: Option<Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at.into()).await,
         None => std::future::pending().await,
-    }
-}
-
-/// Notices changes to the config file by its modification time and length, once
-/// they have settled for a poll (an editor that truncates, then writes, must not
-/// have its half-written file loaded).
-struct ConfigWatch {
-    path: PathBuf,
-    last: Option<(std::time::SystemTime, u64)>,
-    seen: Option<(std::time::SystemTime, u64)>,
-    dry_run: bool,
-}
-
-impl ConfigWatch {
-    fn new(path: PathBuf, dry_run: bool) -> Self {
-        let last = Self::stamp(&path);
-        Self { path, last, seen: last, dry_run }
-    }
-
-    fn stamp(path: &Path) -> Option<(std::time::SystemTime, u64)> {
-        let meta = std::fs::metadata(path).ok()?;
-        Some((meta.modified().ok()?, meta.len()))
-    }
-
-    /// The new config when the file changed since last looked at.
-    fn changed(&mut self) -> Option<Result<Config, crate::config::ConfigError>> {
-        let now = Self::stamp(&self.path);
-        let settled = now == self.seen;
-        self.seen = now;
-        if now.is_none() || now == self.last || !settled {
-            return None;
-        }
-        self.last = now;
-        Some(Config::load(Some(&self.path)).map(|mut c| {
-            c.enforcement.dry_run |= self.dry_run;
-            c
-        }))
     }
 }
 

@@ -11,6 +11,7 @@ pub mod app;
 pub mod attribution;
 pub mod cli;
 pub mod config;
+pub mod config_watch;
 pub mod export;
 pub mod source;
 pub mod telemetry;
