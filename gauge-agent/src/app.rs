@@ -23,7 +23,7 @@ use crate::{
     pipeline::Pipeline,
     export::{
         metrics::CaptureCollector,
-        server::{self, ServerState},
+        server::{self, ServerState, WriteAccess},
     },
     source::{discovery::Target, recording, runtime::{self, CaptureState}},
 };
@@ -54,8 +54,13 @@ pub async fn run(mut config: Config, config_path: Option<PathBuf>, listen: Optio
         "Config reloads refused (the running config stays); the log names file, line and key.",
         reload_failures.clone(),
     );
-    let state = ServerState::new(registry, &capture, pipeline.outcomes());
-    let serve = server::bind(listen.unwrap_or(config.server.listen), state.clone()).await?;
+    let listen = listen.unwrap_or(config.server.listen);
+    let writes = WriteAccess { token: read_token(config.server.token_file.as_deref())?, loopback: listen.ip().is_loopback() };
+    if writes.token.is_none() && !writes.loopback {
+        tracing::warn!(%listen, "listening beyond loopback without server.token_file: POST /v1/outcomes is refused");
+    }
+    let state = ServerState::new(registry, &capture, pipeline.outcomes(), writes);
+    let serve = server::bind(listen, state.clone()).await?;
     let mut serve = tokio::spawn(serve);
 
     let runtime::Capture { mut events, enforcement } = runtime::start(config.capture_options(), capture.clone())?;
@@ -265,16 +270,34 @@ fn require_root(command: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A bearer token from a file (trimmed); refuses an empty file or one that other
+/// users may read.
+pub fn read_token(path: Option<&Path>) -> anyhow::Result<Option<String>> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let Some(path) = path else { return Ok(None) };
+    let meta = std::fs::metadata(path).with_context(|| format!("cannot read the token file {}", path.display()))?;
+    if meta.permissions().mode() & 0o077 != 0 {
+        bail!("the token file {} is readable by other users: chmod 600 it", path.display());
+    }
+    let token = std::fs::read_to_string(path).with_context(|| format!("cannot read the token file {}", path.display()))?;
+    let token = token.trim().to_owned();
+    if token.is_empty() {
+        bail!("the token file {} is empty", path.display());
+    }
+    Ok(Some(token))
+}
+
 /// `gauge-agent outcome`: reports an outcome to the running daemon.
-pub fn outcome(listen: SocketAddr, report: &OutcomeReport) -> anyhow::Result<()> {
+pub fn outcome(listen: SocketAddr, report: &OutcomeReport, token_file: Option<&Path>) -> anyhow::Result<()> {
     report.validate()?;
+    let token = read_token(token_file)?;
     let url = format!("http://{listen}/v1/outcomes");
     let body = serde_json::json!({"agent": report.agent, "outcome": report.outcome, "count": report.count, "value": report.value});
-    let response = ureq::post(&url)
-        .config()
-        .http_status_as_error(false)
-        .build()
-        .header("content-type", "application/json")
+    let mut request = ureq::post(&url).config().http_status_as_error(false).build().header("content-type", "application/json");
+    if let Some(token) = token {
+        request = request.header("authorization", format!("Bearer {token}"));
+    }
+    let response = request
         .send(body.to_string())
         .with_context(|| format!("cannot reach the daemon at {listen}: is `gauge-agent run` running? (use --listen if it listens elsewhere)"))?;
     let status = response.status();

@@ -73,6 +73,9 @@ pub enum Command {
         /// Address of the running daemon.
         #[arg(long, default_value = "127.0.0.1:9977")]
         listen: SocketAddr,
+        /// File holding the daemon's bearer token (its server.token_file).
+        #[arg(long, env = "GAUGE_TOKEN_FILE")]
+        token_file: Option<PathBuf>,
     },
     /// Show the price table: the embedded one, or the rates that price each MODEL
     /// (config overrides included).

@@ -93,6 +93,9 @@ impl Default for Http {
 #[serde(deny_unknown_fields, default)]
 pub struct Server {
     pub listen: SocketAddr,
+    /// A file holding the bearer token that `POST /v1/outcomes` requires (required
+    /// for it beyond loopback).
+    pub token_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -106,7 +109,7 @@ pub struct Capture {
 
 impl Default for Server {
     fn default() -> Self {
-        Self { listen: SocketAddr::from(([127, 0, 0, 1], 9977)) }
+        Self { listen: SocketAddr::from(([127, 0, 0, 1], 9977)), token_file: None }
     }
 }
 

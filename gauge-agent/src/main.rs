@@ -29,8 +29,9 @@ fn main() -> anyhow::Result<()> {
             runtime.block_on(app::record(config, &output, filter, duration.map(Duration::from_secs), !no_redact))
         }
         Command::Targets { listen, json } => app::targets(listen, json),
-        Command::Outcome { agent, name, count, value, listen } => {
-            app::outcome(listen, &gauge_agent::metering::outcomes::OutcomeReport { agent, outcome: name, count, value })
+        Command::Outcome { agent, name, count, value, listen, token_file } => {
+            let report = gauge_agent::metering::outcomes::OutcomeReport { agent, outcome: name, count, value };
+            app::outcome(listen, &report, token_file.as_deref())
         }
         Command::Prices { models, provider, config } => app::prices(&app::load_config(config.as_ref())?, &provider, &models),
         Command::CheckConfig { file } => app::check_config(&file),

@@ -274,3 +274,31 @@ fn a_process_in_its_own_mount_namespace_with_its_own_libssl_is_seen_and_attribut
     m.check("gauge_llm_cost_usd_total", &[("agent", "namespaced-bot")], CALL_USD);
     assert_eq!(sum(&m.text, "gauge_container_info", &[("container", &NS_CONTAINER_ID[..12]), ("runtime", "podman")]), 1.0, "{}", m.text);
 }
+
+#[test]
+fn outcomes_need_the_daemons_token_when_it_has_one() {
+    if !kernel_tests_enabled("outcome token end to end") {
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let token = dir.path().join("token");
+    std::fs::write(&token, "t0ken-for-outcomes\n").expect("write token");
+    std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    let world = World::start(&format!("[server]\ntoken_file = \"{}\"\n", token.display()));
+    let report = |extra: &[&str]| {
+        Command::new(agent_binary())
+            .args(["outcome", "--listen", &world.daemon.addr, "--agent", "bot", "--name", "resolved_ticket"])
+            .args(extra)
+            .env_remove("GAUGE_TOKEN_FILE")
+            .output()
+            .expect("run gauge-agent outcome")
+    };
+    let refused = report(&[]);
+    assert!(!refused.status.success() && String::from_utf8_lossy(&refused.stderr).contains("401"), "{refused:?}");
+    let accepted = report(&["--token-file", &token.display().to_string()]);
+    assert!(accepted.status.success(), "{}", String::from_utf8_lossy(&accepted.stderr));
+    let (_, text) = world.daemon.get("/metrics").expect("scrape");
+    assert_eq!(sum(&text, "gauge_outcomes_total", &[("agent", "bot")]), 1.0, "{text}");
+    assert!(!text.contains("t0ken-for-outcomes") && !world.daemon.log.text().contains("t0ken-for-outcomes"), "the token leaked");
+}

@@ -32,11 +32,41 @@ pub struct ServerState {
     pub ready: Arc<AtomicBool>,
     pub targets: watch::Receiver<Vec<Target>>,
     pub outcomes: Outcomes,
+    /// What `POST /v1/outcomes` requires.
+    pub writes: WriteAccess,
+}
+
+/// Who may use the write endpoint (`POST /v1/outcomes`): on loopback anyone local;
+/// beyond loopback only holders of the token (none configured: nobody).
+#[derive(Clone, Debug, Default)]
+pub struct WriteAccess {
+    pub token: Option<String>,
+    pub loopback: bool,
+}
+
+impl WriteAccess {
+    /// Checks a request's `Authorization` header.
+    pub fn check(&self, authorization: Option<&str>) -> Result<(), (StatusCode, &'static str)> {
+        match &self.token {
+            Some(token) => {
+                let given = authorization.and_then(|a| a.strip_prefix("Bearer ")).unwrap_or("");
+                // Compared in full whatever the first difference, so timing says nothing.
+                let same = given.len() == token.len() && given.bytes().zip(token.bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0;
+                if same { Ok(()) } else { Err((StatusCode::UNAUTHORIZED, "a valid `Authorization: Bearer <token>` (server.token_file) is required\n")) }
+            }
+            None if self.loopback => Ok(()),
+            None => Err((
+                StatusCode::FORBIDDEN,
+                "the listener is not on loopback: set server.token_file to accept outcomes from other hosts\n",
+            )),
+        }
+    }
 }
 
 impl ServerState {
-    pub fn new(registry: Registry, capture: &CaptureState, outcomes: Outcomes) -> Self {
+    pub fn new(registry: Registry, capture: &CaptureState, outcomes: Outcomes, writes: WriteAccess) -> Self {
         Self {
+            writes,
             registry: Arc::new(registry),
             ready: Arc::new(AtomicBool::new(false)),
             targets: capture.targets.subscribe(),
@@ -92,7 +122,11 @@ async fn targets(State(state): State<ServerState>) -> Json<Vec<Target>> {
 }
 
 /// `POST /v1/outcomes` with `{"agent": .., "outcome": .., "count": 1, "value": ..}`.
-async fn outcome(State(state): State<ServerState>, body: axum::body::Bytes) -> (StatusCode, String) {
+async fn outcome(State(state): State<ServerState>, headers: axum::http::HeaderMap, body: axum::body::Bytes) -> (StatusCode, String) {
+    let authorization = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+    if let Err((status, message)) = state.writes.check(authorization) {
+        return (status, message.to_owned());
+    }
     let report: OutcomeReport = match serde_json::from_slice(&body) {
         Ok(report) => report,
         Err(e) => {
@@ -105,5 +139,23 @@ async fn outcome(State(state): State<ServerState>, body: axum::body::Bytes) -> (
     match state.outcomes.report(&report) {
         Ok(()) => (StatusCode::OK, "ok\n".into()),
         Err(e) => (StatusCode::BAD_REQUEST, format!("{e}\n")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn outcomes_need_a_token_beyond_loopback() {
+        let local = WriteAccess { token: None, loopback: true };
+        assert!(local.check(None).is_ok());
+        let open = WriteAccess { token: None, loopback: false };
+        assert_eq!(open.check(Some("Bearer x")).map_err(|e| e.0), Err(StatusCode::FORBIDDEN));
+        let guarded = WriteAccess { token: Some("s3cret-token".into()), loopback: false };
+        assert!(guarded.check(Some("Bearer s3cret-token")).is_ok());
+        for wrong in [None, Some("Bearer s3cret-tokem"), Some("s3cret-token"), Some("Bearer s3cret")] {
+            assert_eq!(guarded.check(wrong).map_err(|e| e.0), Err(StatusCode::UNAUTHORIZED), "{wrong:?}");
+        }
     }
 }
