@@ -125,6 +125,8 @@ pub enum ConfigError {
     Read { path: PathBuf, source: std::io::Error },
     #[error("config {path}: {message}")]
     Parse { path: String, message: String },
+    #[error("config {path} is writable by other users, who could then turn off policies or steer actions: chmod o-w {path}")]
+    WorldWritable { path: PathBuf },
     #[error("config {path}: {key} = {value}: {reason}")]
     Invalid { path: String, key: String, value: String, reason: &'static str },
 }
@@ -134,6 +136,11 @@ impl Config {
     pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
         match path {
             Some(path) => {
+                use std::os::unix::fs::PermissionsExt as _;
+                let meta = std::fs::metadata(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+                if meta.permissions().mode() & 0o002 != 0 {
+                    return Err(ConfigError::WorldWritable { path: path.to_owned() });
+                }
                 let text = std::fs::read_to_string(path)
                     .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
                 Self::parse(&text, &path.display().to_string())
@@ -261,6 +268,19 @@ mod tests {
         assert!(err.contains("prices[0]") && err.contains("model"), "{err}");
         let err = Config::parse("[[agents]]\nname = \"\"\nmatch = { comm = \"x\" }\n", "g.toml").expect_err("no name").to_string();
         assert!(err.contains("agents[0].name"), "{err}");
+    }
+
+    #[test]
+    fn a_config_others_may_write_is_refused() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("gauge.toml");
+        std::fs::write(&path, "").expect("write");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666)).expect("chmod");
+        let err = Config::load(Some(&path)).expect_err("world-writable").to_string();
+        assert!(err.contains("writable by other users") && err.contains("chmod o-w"), "{err}");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        assert!(Config::load(Some(&path)).is_ok());
     }
 
     #[test]
