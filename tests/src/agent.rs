@@ -188,13 +188,18 @@ impl Daemon {
     /// Starts the daemon on a port of its own choosing (`--listen 127.0.0.1:0`, read
     /// back from its log), so concurrent tests never race for a port.
     pub fn start(config: &str) -> Self {
+        Self::start_logging(config, "info")
+    }
+
+    /// The same, logging at `level` (e.g. "debug", which logs every LLM call).
+    pub fn start_logging(config: &str, level: &str) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let config_path = dir.path().join("gauge.toml");
         std::fs::write(&config_path, config).expect("write config");
         let mut child = agent_command()
             .args(["run", "--listen", "127.0.0.1:0", "--config"])
             .arg(&config_path)
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", level)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
