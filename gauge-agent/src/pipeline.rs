@@ -108,7 +108,7 @@ impl Pipeline {
                 let (subject, _) = self.subject(event.tgid, &event.comm);
                 self.policy.on_held(&subject, event.timestamp_ns, *connection, *call_len, *offset, bytes);
             }
-            Payload::Stopped { signal, .. } => self.policy.on_stopped(event.tgid, *signal),
+            Payload::Stopped { connection, signal } => self.policy.on_stopped(event.tgid, *connection, *signal),
             _ => {}
         }
         if event.timestamp_ns >= self.last_tick_ns.saturating_add(1_000_000_000) {

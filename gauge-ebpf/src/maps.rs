@@ -68,6 +68,10 @@ pub struct SavedCall {
     pub buf: u64,
     /// `_ex` forms: where the byte count is written (`size_t *`); 0 otherwise.
     pub len_out: u64,
+    /// 1 when enforcement stopped the process at this call's entry. A signal taken
+    /// at a uprobe may make the kernel restart the probed instruction, and the entry
+    /// probe then fires again for the same call: it must not hold it twice.
+    pub stopped: u64,
 }
 
 #[inline(always)]

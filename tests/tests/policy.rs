@@ -324,7 +324,7 @@ fn freeze_and_throttle_act_on_cgroups_and_are_released_when_the_agent_stops() {
     for (agent, _, dir, file, acted, _) in &cases {
         wait_for_file(&dir.join(file), acted, &world, agent);
     }
-    assert_eq!(sum(&metrics(&world), "gauge_policy_actions_total", &[]), 3.0);
+    assert_eq!(sum(&metrics(&world), "gauge_policy_actions_total", &[]), 3.0, "{}", world.daemon.log.text());
     world.daemon.terminate();
     for ((agent, _, dir, file, _, released), mut child) in cases.iter().zip(running) {
         let content = std::fs::read_to_string(dir.join(file)).unwrap_or_default();
@@ -434,5 +434,6 @@ fn gate_latency() {
         g as f64 / p.max(1) as f64
     );
     let held = sum(&metrics(&world), "gauge_policy_held_requests_total", &[("agent", "gated-bench")]);
+    println!("held {held} writes for 900 gated requests");
     assert!(held >= 750.0, "the gated client was not held: {held}");
 }

@@ -25,9 +25,11 @@ use super::{
 };
 use crate::source::kernel::EnforcementMaps;
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug)]
 enum Later {
-    Signal { pid: u32, signal: u32 },
+    /// `process` was opened when the signal was decided: a pid reused in the
+    /// meantime is never signalled.
+    Signal { pid: u32, signal: u32, process: Option<Pidfd> },
     Thaw(Frozen),
     Restore(Throttled),
 }
@@ -126,7 +128,8 @@ impl Executor {
                     if signal == SIGCONT {
                         self.paused.insert(pid);
                     }
-                    self.later.push((now + after, Later::Signal { pid, signal }));
+                    let process = Pidfd::open(pid).ok();
+                    self.later.push((now + after, Later::Signal { pid, signal, process }));
                 }
                 Command::Freeze { pid, cooldown } => match self.placement(pid).map(|p| self.cgroups.freeze(&p)) {
                     Some(Ok(frozen)) => {
@@ -177,6 +180,12 @@ impl Executor {
     }
 
     fn signal(&mut self, pid: u32, signal: u32) {
+        self.signal_process(pid, signal, None);
+    }
+
+    /// Signals through a pidfd: the one opened when the signal was decided, else one
+    /// opened now.
+    fn signal_process(&mut self, pid: u32, signal: u32, process: Option<Pidfd>) {
         if self.never(pid) {
             tracing::error!(pid, signal, "refused to signal a protected process");
             return;
@@ -185,9 +194,11 @@ impl Executor {
             self.paused.remove(&pid);
             self.stuck.remove(&pid);
         }
-        // SAFETY: kill(2) with a checked positive pid.
-        if unsafe { libc::kill(pid as i32, signal as i32) } != 0 {
-            let error = std::io::Error::last_os_error();
+        let result = match process {
+            Some(process) => process.send(signal),
+            None => Pidfd::open(pid).and_then(|p| p.send(signal)),
+        };
+        if let Err(error) = result {
             // A process that is gone needs nothing more.
             if error.raw_os_error() != Some(libc::ESRCH) {
                 self.fail("signal", &format!("pid {pid} signal {signal}: {error}"));
@@ -213,7 +224,7 @@ impl Executor {
 
     fn undo(&mut self, later: Later) {
         match later {
-            Later::Signal { pid, signal } => self.signal(pid, signal),
+            Later::Signal { pid, signal, process } => self.signal_process(pid, signal, process),
             Later::Thaw(frozen) => match self.cgroups.thaw(&frozen) {
                 Ok(()) => tracing::info!(cgroup = %frozen.dir.display(), "cgroup thawed"),
                 Err(e) => self.fail("thaw", &e),
@@ -276,5 +287,47 @@ impl Executor {
     /// What is enforced now (for tests and logs).
     pub fn enforced(&self, tgid: u32) -> Option<Enforcement> {
         self.enforced.get(&tgid).copied()
+    }
+}
+
+/// A process handle (`pidfd_open(2)`): signals sent through it reach that process or
+/// fail with ESRCH once it is gone, never a process that reused its pid.
+#[derive(Debug)]
+pub struct Pidfd(std::os::fd::OwnedFd);
+
+impl Pidfd {
+    pub fn open(pid: u32) -> std::io::Result<Self> {
+        use std::os::fd::FromRawFd as _;
+        // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: the fd was just returned by the kernel and is owned by nothing else.
+        Ok(Self(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) }))
+    }
+
+    pub fn send(&self, signal: u32) -> std::io::Result<()> {
+        use std::os::fd::AsRawFd as _;
+        // SAFETY: a valid pidfd, a signal number, no siginfo, no flags.
+        let r = unsafe {
+            libc::syscall(libc::SYS_pidfd_send_signal, self.0.as_raw_fd(), signal as i32, std::ptr::null::<libc::siginfo_t>(), 0)
+        };
+        if r < 0 { Err(std::io::Error::last_os_error()) } else { Ok(()) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pidfd_never_reaches_a_process_after_its_end() {
+        let mut child = std::process::Command::new("sleep").arg("30").spawn().expect("sleep");
+        let pidfd = Pidfd::open(child.id()).expect("pidfd_open");
+        pidfd.send(0).expect("alive");
+        pidfd.send(9).expect("kill");
+        let _ = child.wait();
+        assert_eq!(pidfd.send(0).err().and_then(|e| e.raw_os_error()), Some(libc::ESRCH));
     }
 }

@@ -120,6 +120,9 @@ pub struct PolicyStage {
     known: HashMap<u32, Subject>,
     /// Connections marked as LLM traffic in the kernel.
     marked: std::collections::HashSet<(u32, u64)>,
+    /// The connection whose blocked request was last acted on, per process, until
+    /// a call on it finishes.
+    acted_on: HashMap<u32, u64>,
     commands: Vec<Command>,
     actions: Family<ActionLabels, Counter>,
     violations: Family<ViolationLabels, Counter>,
@@ -135,6 +138,7 @@ impl PolicyStage {
             armed: HashMap::new(),
             known: HashMap::new(),
             marked: Default::default(),
+            acted_on: HashMap::new(),
             commands: Vec::new(),
             actions: Family::default(),
             violations: Family::default(),
@@ -197,6 +201,7 @@ impl PolicyStage {
     pub fn forget(&mut self, tgid: u32) {
         self.known.remove(&tgid);
         self.armed.remove(&tgid);
+        self.acted_on.remove(&tgid);
     }
 
     /// A finished call: count it; arm the kernel against the processes now over a limit.
@@ -207,6 +212,9 @@ impl PolicyStage {
         // Its connection carries LLM calls: the probes hold or block every later
         // request on it, whatever its protocol (HTTP/2 writes have no request line).
         let connection = (subject.tgid, done.metered.origin.connection);
+        if self.acted_on.get(&connection.0) == Some(&connection.1) {
+            self.acted_on.remove(&connection.0);
+        }
         if self.marked.len() >= 65536 {
             self.marked.clear();
         }
@@ -302,8 +310,16 @@ impl PolicyStage {
         false
     }
 
-    /// The kernel signalled an armed process at an LLM request.
-    pub fn on_stopped(&mut self, tgid: u32, signal: u32) {
+    /// The kernel signalled an armed process at an LLM request's write on
+    /// `connection`. A request is often several writes (head, then body); once acted
+    /// on, its later writes only continue.
+    pub fn on_stopped(&mut self, tgid: u32, connection: u64, signal: u32) {
+        if self.acted_on.get(&tgid) == Some(&connection) {
+            if signal == SIGSTOP {
+                self.commands.push(Command::Signal { pid: tgid, signal: SIGCONT, after: Duration::ZERO });
+            }
+            return;
+        }
         let Some(armed) = self.armed.get(&tgid).cloned() else {
             // Armed by an earlier config: never leave it stopped.
             if signal == SIGSTOP {
@@ -317,6 +333,10 @@ impl PolicyStage {
             observed = armed.violation.observed, allowed = armed.violation.allowed,
             "LLM request stopped in the kernel before it was sent"
         );
+        if self.acted_on.len() >= 16384 {
+            self.acted_on.clear();
+        }
+        self.acted_on.insert(tgid, connection);
         self.act(&policy, &armed.agent, tgid, signal == SIGSTOP);
     }
 

@@ -104,7 +104,7 @@ fn an_ungated_limit_arms_the_kernel_and_clears_with_the_window() {
         vec![Command::MarkLlm { tgid: 42, connection: 1 }, Command::Block { tgid: 42, signal: SIGSTOP, gate: false }],
         "its connection is marked as LLM traffic, then the process is armed"
     );
-    s.on_stopped(42, SIGSTOP);
+    s.on_stopped(42, 1, SIGSTOP);
     assert_eq!(
         s.take_commands(),
         vec![
@@ -113,6 +113,9 @@ fn an_ungated_limit_arms_the_kernel_and_clears_with_the_window() {
             Command::Signal { pid: 42, signal: SIGKILL, after: Duration::from_secs(3) },
         ]
     );
+    // The same request's body write is stopped too: it only continues.
+    s.on_stopped(42, 1, SIGSTOP);
+    assert_eq!(s.take_commands(), vec![Command::Signal { pid: 42, signal: SIGCONT, after: Duration::ZERO }]);
     s.tick(30 * 1_000_000_000);
     assert_eq!(s.take_commands(), vec![Command::Unblock { tgid: 42, gate: false }]);
 }

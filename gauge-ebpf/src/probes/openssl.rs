@@ -20,13 +20,34 @@ use crate::{
     maps::{READ_ARGS, SavedCall, WRITE_ARGS, count},
 };
 
-fn save(ctx: &ProbeContext, calls: &LruHashMap<u64, SavedCall>, len_out_arg: Option<usize>) {
+fn save(ctx: &ProbeContext, calls: &LruHashMap<u64, SavedCall>, len_out_arg: Option<usize>) -> SavedCall {
     let call = SavedCall {
         ssl: ctx.arg::<u64>(0).unwrap_or(0),
         buf: ctx.arg::<u64>(1).unwrap_or(0),
         len_out: len_out_arg.and_then(|n| ctx.arg::<u64>(n)).unwrap_or(0),
+        stopped: 0,
     };
     let _ = calls.insert(bpf_get_current_pid_tgid(), call, 0);
+    call
+}
+
+/// Entry of a write: saves the arguments and applies enforcement once per call
+/// (see `SavedCall::stopped`).
+fn write_entry(ctx: &ProbeContext, len_out_arg: Option<usize>, len: u64) {
+    let key = bpf_get_current_pid_tgid();
+    // SAFETY: the value is copied out at once.
+    let before = unsafe { WRITE_ARGS.get(key) }.copied();
+    let mut call = save(ctx, &WRITE_ARGS, len_out_arg);
+    if before.is_some_and(|b| b.stopped != 0 && b.ssl == call.ssl && b.buf == call.buf) {
+        // The same call, restarted after the stop: already decided.
+        call.stopped = 1;
+        let _ = WRITE_ARGS.insert(key, call, 0);
+        return;
+    }
+    if enforce::at_write(call.ssl, call.buf, len) {
+        call.stopped = 1;
+        let _ = WRITE_ARGS.insert(key, call, 0);
+    }
 }
 
 fn take(calls: &LruHashMap<u64, SavedCall>) -> Option<SavedCall> {
@@ -73,9 +94,8 @@ fn finish_ex(ctx: &RetProbeContext, calls: &LruHashMap<u64, SavedCall>, kind: u3
 /// `int SSL_write(SSL *s, const void *buf, int num)`
 #[uprobe]
 pub fn ssl_write_entry(ctx: ProbeContext) -> u32 {
-    save(&ctx, &WRITE_ARGS, None);
     let num = ctx.arg::<u64>(2).unwrap_or(0) as u32 as i32;
-    enforce::at_write(ctx.arg::<u64>(0).unwrap_or(0), ctx.arg::<u64>(1).unwrap_or(0), num.max(0) as u64);
+    write_entry(&ctx, None, num.max(0) as u64);
     0
 }
 
@@ -88,8 +108,7 @@ pub fn ssl_write_return(ctx: RetProbeContext) -> u32 {
 /// `int SSL_write_ex(SSL *s, const void *buf, size_t num, size_t *written)`
 #[uprobe]
 pub fn ssl_write_ex_entry(ctx: ProbeContext) -> u32 {
-    save(&ctx, &WRITE_ARGS, Some(3));
-    enforce::at_write(ctx.arg::<u64>(0).unwrap_or(0), ctx.arg::<u64>(1).unwrap_or(0), ctx.arg::<u64>(2).unwrap_or(0));
+    write_entry(&ctx, Some(3), ctx.arg::<u64>(2).unwrap_or(0));
     0
 }
 
@@ -102,7 +121,7 @@ pub fn ssl_write_ex_return(ctx: RetProbeContext) -> u32 {
 /// `int SSL_read(SSL *s, void *buf, int num)`
 #[uprobe]
 pub fn ssl_read_entry(ctx: ProbeContext) -> u32 {
-    save(&ctx, &READ_ARGS, None);
+    let _ = save(&ctx, &READ_ARGS, None);
     0
 }
 
@@ -115,7 +134,7 @@ pub fn ssl_read_return(ctx: RetProbeContext) -> u32 {
 /// `int SSL_read_ex(SSL *s, void *buf, size_t num, size_t *readbytes)`
 #[uprobe]
 pub fn ssl_read_ex_entry(ctx: ProbeContext) -> u32 {
-    save(&ctx, &READ_ARGS, Some(3));
+    let _ = save(&ctx, &READ_ARGS, Some(3));
     0
 }
 
