@@ -39,6 +39,9 @@ match = { comm = "gauge-guarded" }
 [[agents]]
 name = "dry"
 match = { comm = "gauge-dry-bot" }
+[[agents]]
+name = "ns-init"
+match = { comm = "gauge-ns-init" }
 
 [[prices]]
 model = "budget-model"
@@ -102,6 +105,16 @@ allowed_models = ["nothing"]
 action = "kill"
 gate = true
 
+"#;
+
+/// A container's PID 1 is protected like the host's.
+const NS_INIT: &str = r#"
+[[policies]]
+name = "never-ns-init"
+agent = "ns-init"
+allowed_models = ["nothing"]
+action = "kill"
+gate = true
 "#;
 
 const DRY: &str = r#"
@@ -262,13 +275,20 @@ fn protected_processes_are_never_touched_and_dry_run_only_counts() {
     if !kernel_tests_enabled("protection and dry-run end to end") {
         return;
     }
-    let world = World::start(&config(&[GUARDED, DRY]));
+    let world = World::start(&config(&[GUARDED, DRY, NS_INIT]));
     let bin = tempfile::tempdir().expect("tempdir");
     let url = format!("https://127.0.0.1:{}/v1/chat/completions", world.mock.port);
-    for (name, model) in [("gauge-guarded", "guarded-model"), ("gauge-dry-bot", "dry-model")] {
+    for (name, model) in [("gauge-guarded", "guarded-model"), ("gauge-dry-bot", "dry-model"), ("gauge-ns-init", "ns-init-model")] {
         let copy = bin.path().join(name);
         std::fs::copy("/usr/bin/curl", &copy).expect("copy curl");
-        let mut curl = Command::new(&copy);
+        // The last runs as PID 1 of a pid namespace of its own, as in a container.
+        let mut curl = if name == "gauge-ns-init" {
+            let mut unshare = Command::new("unshare");
+            unshare.args(["--pid", "--fork"]).arg(&copy);
+            unshare
+        } else {
+            Command::new(&copy)
+        };
         curl.args(["-sS", "--fail", "--http1.1", "--cacert"])
             .arg(&world.cert)
             .args(["-H", "content-type: application/json", "-d", &format!(r#"{{"model":"{model}","messages":[]}}"#), &url]);
@@ -277,6 +297,7 @@ fn protected_processes_are_never_touched_and_dry_run_only_counts() {
     }
     let m = metrics(&world);
     assert_eq!(sum(&m, "gauge_policy_violations_total", &[("policy", "never-guarded")]), 0.0, "{m}");
+    assert_eq!(sum(&m, "gauge_policy_violations_total", &[("policy", "never-ns-init")]), 0.0, "{m}");
     assert_eq!(sum(&m, "gauge_policy_violations_total", &[("policy", "dry"), ("limit", "allowed_models")]), 1.0, "{m}");
     assert_eq!(sum(&m, "gauge_policy_actions_total", &[]), 0.0, "{m}");
 }

@@ -31,6 +31,9 @@ pub struct ProcessInfo {
     /// The cgroup path (v2, else the most telling v1 hierarchy); empty when unknown.
     pub cgroup: String,
     pub container: Option<Container>,
+    /// PID 1 of its own pid namespace (a container's init): never acted on, since
+    /// its end ends the container.
+    pub namespace_init: bool,
     /// Only the variables attribution was asked to read; never logged or exported.
     pub env: Vec<(String, String)>,
 }
@@ -122,7 +125,8 @@ impl ProcessSource for ProcFs {
         } else {
             read_bytes(&dir.join("environ")).map(|b| pick_env(&b, &self.env_names)).unwrap_or_default()
         };
-        Some(ProcessInfo { tgid, ppid, start_time, comm, exe, cmdline, cgroup, container, env })
+        let namespace_init = read_text(&dir.join("status")).is_some_and(|s| is_namespace_init(&s));
+        Some(ProcessInfo { tgid, ppid, start_time, comm, exe, cmdline, cgroup, container, namespace_init, env })
     }
 
     fn start_time(&mut self, tgid: u32) -> Option<u64> {
@@ -142,6 +146,18 @@ pub fn parse_stat(stat: &str) -> Option<(String, u32, u64)> {
     let ppid = rest.get(1)?.parse().ok()?;
     let start = rest.get(19)?.parse().ok()?;
     Some((comm, ppid, start))
+}
+
+/// Whether `/proc/PID/status` says the process is PID 1 of a nested pid namespace
+/// (`NSpid:` lists its pid in each namespace, outermost first).
+pub fn is_namespace_init(status: &str) -> bool {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("NSpid:"))
+        .is_some_and(|pids| {
+            let pids: Vec<&str> = pids.split_whitespace().collect();
+            pids.len() > 1 && pids.last() == Some(&"1")
+        })
 }
 
 fn join_nul(bytes: &[u8]) -> String {
@@ -225,6 +241,14 @@ mod tests {
         let stat = "4242 (my (odd) prog) S 17 4242 4242 0 -1 4194560 1 0 0 0 0 0 0 0 20 0 1 0 987654 1000 1 1";
         assert_eq!(parse_stat(stat), Some(("my (odd) prog".to_owned(), 17, 987654)));
         assert_eq!(parse_stat("garbage"), None);
+    }
+
+    #[test]
+    fn a_containers_init_is_told_by_its_namespace_pids() {
+        assert!(is_namespace_init("Name:\tsh\nNSpid:\t4242\t1\n"));
+        assert!(!is_namespace_init("NSpid:\t1\n"), "the host's own init is pid 1 already");
+        assert!(!is_namespace_init("NSpid:\t4242\t17\n"));
+        assert!(!is_namespace_init("Name:\tsh\n"));
     }
 
     #[test]

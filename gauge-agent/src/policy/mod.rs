@@ -91,6 +91,8 @@ impl Guard {
             Some("PID 1 is never acted on")
         } else if p.tgid == 2 || p.ppid == 2 {
             Some("kernel threads are never acted on")
+        } else if p.namespace_init {
+            Some("a container's PID 1 is never acted on")
         } else if p.tgid == self.self_pid || p.tgid == self.parent_pid {
             Some("the agent and its parent are never acted on")
         } else if protect.comm.contains(&p.comm) || protect.exe.contains(&p.exe) {

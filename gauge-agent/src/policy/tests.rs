@@ -81,6 +81,8 @@ fn protected_processes_are_never_put_under_a_policy() {
     for (tgid, ppid) in [(1, 0), (10, 1), (9, 1), (50, 2)] {
         assert!(guard.protects(&ProcessInfo { tgid, ppid, ..Default::default() }).is_some(), "pid {tgid}");
     }
+    let container_init = ProcessInfo { tgid: 4242, ppid: 4000, namespace_init: true, ..Default::default() };
+    assert_eq!(guard.protects(&container_init), Some("a container's PID 1 is never acted on"));
 }
 
 #[test]
