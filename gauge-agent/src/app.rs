@@ -48,6 +48,8 @@ pub async fn run(mut config: Config, config_path: Option<PathBuf>, listen: Optio
     let cgroups = CgroupFs::new(config.attribution.host_root.join("sys/fs/cgroup"));
     let hold_timeout = Duration::from_millis(config.enforcement.hold_timeout_ms);
     let mut executor = Executor::register(None, cgroups, proc_root.clone(), hold_timeout, &mut registry);
+    // Before anything else: undo what an agent that died left stopped or frozen.
+    executor.recover(config.enforcement.state_file.clone());
     let reload_failures = prometheus_client::metrics::counter::Counter::<u64>::default();
     registry.register(
         "gauge_config_reload_failures",

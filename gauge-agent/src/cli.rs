@@ -24,6 +24,10 @@ pub enum Command {
         /// Policies count and log violations but act on nothing.
         #[arg(long)]
         dry_run: bool,
+        /// Where to keep what must be undone if the agent dies, overriding
+        /// `enforcement.state_file`.
+        #[arg(long)]
+        state_file: Option<PathBuf>,
     },
     /// List the files the running daemon has hooked, and why.
     Targets {

@@ -19,8 +19,11 @@ fn main() -> anyhow::Result<()> {
         .build()
         .context("cannot start the async runtime")?;
     match cli.command {
-        Command::Run { config: path, listen, dry_run } => {
-            let config = app::load_config(path.as_ref())?;
+        Command::Run { config: path, listen, dry_run, state_file } => {
+            let mut config = app::load_config(path.as_ref())?;
+            if let Some(state_file) = state_file {
+                config.enforcement.state_file = state_file;
+            }
             runtime.block_on(app::run(config, path, listen, dry_run))
         }
         Command::Record { output, pid, comm, duration, no_redact, config } => {

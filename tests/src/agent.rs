@@ -193,11 +193,23 @@ impl Daemon {
 
     /// The same, logging at `level` (e.g. "debug", which logs every LLM call).
     pub fn start_logging(config: &str, level: &str) -> Self {
+        Self::spawn(config, level, None)
+    }
+
+    /// The same, keeping its undo file at `undo` (to start another daemon on it).
+    pub fn start_with_undo(config: &str, undo: &Path) -> Self {
+        Self::spawn(config, "info", Some(undo))
+    }
+
+    fn spawn(config: &str, level: &str, undo: Option<&Path>) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let config_path = dir.path().join("gauge.toml");
         std::fs::write(&config_path, config).expect("write config");
+        // Each daemon keeps its own undo file: tests run side by side.
         let mut child = agent_command()
-            .args(["run", "--listen", "127.0.0.1:0", "--config"])
+            .args(["run", "--listen", "127.0.0.1:0", "--state-file"])
+            .arg(undo.map_or_else(|| dir.path().join("undo.json"), Path::to_path_buf))
+            .arg("--config")
             .arg(&config_path)
             .env("RUST_LOG", level)
             .stdin(Stdio::null())
@@ -243,6 +255,12 @@ impl Daemon {
         body.lines()
             .find_map(|l| l.strip_prefix(sample).and_then(|rest| rest.trim().parse().ok()))
             .unwrap_or_else(|| panic!("{sample} not in /metrics:\n{body}"))
+    }
+
+    /// SIGKILL: the daemon dies without undoing anything.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 
     pub fn stop(mut self) -> std::process::ExitStatus {

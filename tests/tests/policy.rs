@@ -458,3 +458,49 @@ fn gate_latency() {
     println!("held {held} writes for 900 gated requests");
     assert!(held >= 750.0, "the gated client was not held: {held}");
 }
+
+#[test]
+fn a_cgroup_frozen_by_an_agent_that_was_killed_is_thawed_by_the_next_start() {
+    if !kernel_tests_enabled("crash and restart end to end") {
+        return;
+    }
+    let id = std::process::id();
+    let dir = PathBuf::from(format!("/sys/fs/cgroup/unified/gauge-policy-crash-{id}"));
+    std::fs::create_dir_all(&dir).expect("make cgroup");
+    let config = "[[agents]]\nname = \"crash-bot\"\nmatch = { cmdline = \"crash-marker\" }\n\
+                  [[policies]]\nname = \"crash\"\nagent = \"crash-bot\"\nmax_requests = 1\nwindow = \"60s\"\naction = \"freeze\"\ncooldown = \"10m\"\n";
+    let undo_dir = tempfile::tempdir().expect("tempdir");
+    let undo = undo_dir.path().join("undo.json");
+    let mut world = World::start(config);
+    // World's own daemon has its own undo file: replace it with one on a known file.
+    world.daemon.kill();
+    world.daemon = gauge_tests::agent::Daemon::start_with_undo(config, &undo);
+    world.daemon.wait_healthy();
+    let script = format!(
+        "import ssl, http.client, time\n\
+         ctx = ssl.create_default_context(cafile='{ca}')\n\
+         for i in range(3):\n\
+         \x20   c = http.client.HTTPSConnection('127.0.0.1', {port}, context=ctx)\n\
+         \x20   c.request('POST', '/v1/chat/completions', body='{{\"model\":\"crash\",\"messages\":[]}}', headers={{'content-type': 'application/json'}})\n\
+         \x20   c.getresponse().read()\n\
+         \x20   time.sleep(0.3)\n",
+        ca = world.cert.display(),
+        port = world.mock.port,
+    );
+    let line = format!("echo $$ > {}/cgroup.procs && exec python3 -c \"$0\" crash-marker", dir.display());
+    let mut client = Command::new("sh").args(["-c", &line, &script]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("client");
+    wait_for_file(&dir.join("cgroup.events"), "frozen 1", &world, "crash-bot");
+    // The agent dies without undoing anything: the cgroup stays frozen...
+    world.daemon.kill();
+    thread::sleep(Duration::from_millis(300));
+    assert!(std::fs::read_to_string(dir.join("cgroup.events")).unwrap_or_default().contains("frozen 1"));
+    // ...until the next start, which thaws it first thing.
+    let mut next = gauge_tests::agent::Daemon::start_with_undo(config, &undo);
+    next.wait_healthy();
+    assert!(next.log.text().contains("thawing a cgroup a previous agent left frozen"), "{}", next.log.text());
+    let status = wait_timeout(&mut client, Duration::from_secs(30)).expect("the client resumes and ends");
+    assert!(status.success());
+    assert!(std::fs::read_to_string(dir.join("cgroup.events")).unwrap_or_default().contains("frozen 0"));
+    next.terminate();
+    let _ = std::fs::remove_dir(&dir);
+}

@@ -38,14 +38,14 @@ pub struct Placement {
 }
 
 /// A cgroup this module froze; hand it back to [`CgroupFs::thaw`].
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Frozen {
     pub dir: PathBuf,
     pub v2: bool,
 }
 
 /// A cgroup this module throttled, with what to put back on [`CgroupFs::restore`].
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Throttled {
     pub dir: PathBuf,
     pub v2: bool,

@@ -177,12 +177,15 @@ pub struct EnforcementConfig {
     /// A held request not decided within this many milliseconds is released (the
     /// agent fails open rather than leave a process stopped).
     pub hold_timeout_ms: u64,
+    /// What must be undone if the agent dies (processes it stopped, cgroups it froze
+    /// or throttled), kept current here; the next start undoes it.
+    pub state_file: std::path::PathBuf,
     pub protect: Protect,
 }
 
 impl Default for EnforcementConfig {
     fn default() -> Self {
-        Self { dry_run: false, hold_timeout_ms: 2000, protect: Protect::default() }
+        Self { dry_run: false, hold_timeout_ms: 2000, state_file: "/run/gauge-agent/undo.json".into(), protect: Protect::default() }
     }
 }
 

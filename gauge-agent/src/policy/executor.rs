@@ -39,8 +39,22 @@ struct FailureLabels {
     what: &'static str,
 }
 
+/// What must be undone if the agent dies, as kept in `[enforcement] state_file`.
+#[derive(Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+struct Undo {
+    /// Processes that may be stopped by us (held or paused): (pid, start time).
+    stopped: Vec<(u32, u64)>,
+    frozen: Vec<Frozen>,
+    throttled: Vec<Throttled>,
+}
+
 pub struct Executor {
     maps: Option<EnforcementMaps>,
+    state_file: Option<PathBuf>,
+    /// Start times of the processes enforced or paused, for the undo file.
+    start_times: HashMap<u32, u64>,
+    /// The undo file last written.
+    written: Option<Undo>,
     cgroups: CgroupFs,
     proc_root: PathBuf,
     self_pid: u32,
@@ -78,6 +92,9 @@ impl Executor {
         let (self_pid, parent_pid) = unsafe { (libc::getpid() as u32, libc::getppid() as u32) };
         Self {
             maps,
+            state_file: None,
+            start_times: HashMap::new(),
+            written: None,
             cgroups,
             proc_root,
             self_pid,
@@ -89,6 +106,79 @@ impl Executor {
             stuck: HashMap::new(),
             failures,
             hold_timeouts,
+        }
+    }
+
+    /// Keeps what must be undone in `path`; first undoes what a previous agent that
+    /// died left there.
+    pub fn recover(&mut self, path: PathBuf) {
+        if let Ok(text) = std::fs::read_to_string(&path) {
+            match serde_json::from_str::<Undo>(&text) {
+                Ok(undo) => self.undo_left(undo),
+                Err(error) => tracing::error!(path = %path.display(), %error, "unreadable undo file: nothing undone from it"),
+            }
+        }
+        self.state_file = Some(path);
+        self.written = None;
+        self.persist();
+    }
+
+    fn undo_left(&mut self, undo: Undo) {
+        for (pid, start) in undo.stopped {
+            // Only the very process: a reused pid is someone else's.
+            if self.start_time(pid) == Some(start) && self.stopped(pid) {
+                tracing::warn!(pid, "continuing a process a previous agent left stopped");
+                self.signal(pid, SIGCONT);
+            }
+        }
+        for frozen in undo.frozen {
+            tracing::warn!(cgroup = %frozen.dir.display(), "thawing a cgroup a previous agent left frozen");
+            self.undo(Later::Thaw(frozen));
+        }
+        for throttled in undo.throttled {
+            tracing::warn!(cgroup = %throttled.dir.display(), "restoring the CPU limit a previous agent left");
+            self.undo(Later::Restore(throttled));
+        }
+    }
+
+    fn start_time(&self, pid: u32) -> Option<u64> {
+        let stat = std::fs::read_to_string(self.proc_root.join(pid.to_string()).join("stat")).ok()?;
+        crate::attribution::process::parse_stat(&stat).map(|(_, _, start)| start)
+    }
+
+    /// Writes the undo file when what must be undone changed.
+    fn persist(&mut self) {
+        let Some(path) = self.state_file.clone() else { return };
+        let mut stopped: Vec<(u32, u64)> = self
+            .enforced
+            .keys()
+            .chain(self.paused.iter())
+            .filter_map(|pid| self.start_times.get(pid).map(|start| (*pid, *start)))
+            .collect();
+        stopped.sort_unstable();
+        stopped.dedup();
+        let mut undo = Undo { stopped, ..Undo::default() };
+        for (_, later) in &self.later {
+            match later {
+                Later::Thaw(f) => undo.frozen.push(f.clone()),
+                Later::Restore(t) => undo.throttled.push(t.clone()),
+                Later::Signal { .. } => {}
+            }
+        }
+        if self.written.as_ref() == Some(&undo) {
+            return;
+        }
+        let write = || -> std::io::Result<()> {
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir)?;
+            }
+            let tmp = path.with_extension("tmp");
+            std::fs::write(&tmp, serde_json::to_vec(&undo).unwrap_or_default())?;
+            std::fs::rename(&tmp, &path)
+        };
+        match write() {
+            Ok(()) => self.written = Some(undo),
+            Err(error) => self.fail("undo_file", &format!("{}: {error}", path.display())),
         }
     }
 
@@ -107,6 +197,14 @@ impl Executor {
     }
 
     pub fn run(&mut self, commands: Vec<Command>, now: Instant) {
+        if commands.is_empty() {
+            return;
+        }
+        self.apply(commands, now);
+        self.persist();
+    }
+
+    fn apply(&mut self, commands: Vec<Command>, now: Instant) {
         for command in commands {
             match command {
                 Command::Gate { tgid } => self.enforce(tgid, Enforcement { flags: flag::GATE, signal: 0 }),
@@ -127,6 +225,9 @@ impl Executor {
                 Command::Signal { pid, signal, after } => {
                     if signal == SIGCONT {
                         self.paused.insert(pid);
+                        if let Some(start) = self.start_time(pid) {
+                            self.start_times.insert(pid, start);
+                        }
                     }
                     let process = Pidfd::open(pid).ok();
                     self.later.push((now + after, Later::Signal { pid, signal, process }));
@@ -160,6 +261,11 @@ impl Executor {
         if self.never(tgid) {
             return;
         }
+        if !self.start_times.contains_key(&tgid)
+            && let Some(start) = self.start_time(tgid)
+        {
+            self.start_times.insert(tgid, start);
+        }
         self.enforced.insert(tgid, e);
         if let Some(maps) = &mut self.maps
             && let Err(error) = maps.set(tgid, e)
@@ -170,6 +276,9 @@ impl Executor {
 
     fn unenforce(&mut self, tgid: u32) {
         self.enforced.remove(&tgid);
+        if !self.paused.contains(&tgid) {
+            self.start_times.remove(&tgid);
+        }
         if let Some(maps) = &mut self.maps {
             maps.clear(tgid);
         }
@@ -220,6 +329,7 @@ impl Executor {
             self.undo(later);
         }
         self.watchdog(now);
+        self.persist();
     }
 
     fn undo(&mut self, later: Later) {
@@ -282,6 +392,7 @@ impl Executor {
             }
         }
         self.stuck.clear();
+        self.persist();
     }
 
     /// What is enforced now (for tests and logs).
