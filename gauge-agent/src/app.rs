@@ -103,6 +103,8 @@ pub async fn run(mut config: Config, config_path: Option<PathBuf>, listen: Optio
             _ = sleep_until(executor.next_due()) => executor.due(Instant::now()),
             _ = poll.tick() => {
                 executor.due(Instant::now());
+                executor.forget_gone();
+                pipeline.forget_gone(|pid| executor.alive(pid));
                 if let Some(watch) = &mut watch
                     && let Some(reloaded) = watch.changed()
                 {

@@ -86,6 +86,11 @@ impl Pipeline {
         self.policy.take_commands()
     }
 
+    /// Forgets policy state of processes that are gone (`alive` says which live).
+    pub fn forget_gone(&mut self, alive: impl Fn(u32) -> bool) {
+        self.policy.forget_gone(alive);
+    }
+
     /// A reloaded config's agents and policies; the rest needs a restart.
     pub fn reload(&mut self, config: &Config) {
         self.attributor.set_rules(config.agents.clone());

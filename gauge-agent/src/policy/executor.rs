@@ -321,6 +321,24 @@ impl Executor {
         self.later.iter().map(|(at, _)| *at).min()
     }
 
+    /// Whether a process is still there.
+    pub fn alive(&self, pid: u32) -> bool {
+        self.proc_root.join(pid.to_string()).exists()
+    }
+
+    /// Drops the kernel's enforcement entries of processes that are gone, so that the
+    /// map never fills with the dead.
+    pub fn forget_gone(&mut self) {
+        let gone: Vec<u32> = self.enforced.keys().copied().filter(|pid| !self.alive(*pid)).collect();
+        for pid in gone {
+            self.unenforce(pid);
+            self.paused.remove(&pid);
+            self.stuck.remove(&pid);
+            self.start_times.remove(&pid);
+        }
+        self.persist();
+    }
+
     /// Runs the delayed commands that are due, and lets go of stuck held processes.
     pub fn due(&mut self, now: Instant) {
         let (due, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut self.later).into_iter().partition(|(at, _)| *at <= now);

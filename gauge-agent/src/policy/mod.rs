@@ -200,10 +200,13 @@ impl PolicyStage {
         self.known.insert(subject.tgid, subject);
     }
 
-    pub fn forget(&mut self, tgid: u32) {
-        self.known.remove(&tgid);
-        self.armed.remove(&tgid);
-        self.acted_on.remove(&tgid);
+    /// Forgets the processes that are gone (`alive` says which are not), so that a
+    /// long-running agent does not grow with every process it ever saw.
+    pub fn forget_gone(&mut self, alive: impl Fn(u32) -> bool) {
+        self.known.retain(|tgid, _| alive(*tgid));
+        self.armed.retain(|tgid, _| alive(*tgid));
+        self.acted_on.retain(|tgid, _| alive(*tgid));
+        self.marked.retain(|(tgid, _)| alive(*tgid));
     }
 
     /// A finished call: count it; arm the kernel against the processes now over a limit.

@@ -121,3 +121,14 @@ fn an_ungated_limit_arms_the_kernel_and_clears_with_the_window() {
     s.tick(30 * 1_000_000_000);
     assert_eq!(s.take_commands(), vec![Command::Unblock { tgid: 42, gate: false }]);
 }
+
+#[test]
+fn processes_that_are_gone_are_forgotten() {
+    let mut s = stage(GATED_KILL, EnforcementConfig::default());
+    for tgid in [42, 43] {
+        let (subject, info) = bot(tgid);
+        s.on_process(subject, &info);
+    }
+    s.forget_gone(|tgid| tgid == 43);
+    assert!(!s.known.contains_key(&42) && s.known.contains_key(&43));
+}
