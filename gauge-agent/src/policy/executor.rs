@@ -412,11 +412,6 @@ impl Executor {
         self.stuck.clear();
         self.persist();
     }
-
-    /// What is enforced now (for tests and logs).
-    pub fn enforced(&self, tgid: u32) -> Option<Enforcement> {
-        self.enforced.get(&tgid).copied()
-    }
 }
 
 /// A process handle (`pidfd_open(2)`): signals sent through it reach that process or

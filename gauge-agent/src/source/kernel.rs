@@ -157,10 +157,6 @@ impl EnforcementMaps {
     pub fn mark_llm(&mut self, tgid: u32, ssl: u64) -> Result<(), aya::maps::MapError> {
         self.connections.insert(ConnectionKey { tgid, _pad: 0, ssl }, 1, 0)
     }
-
-    pub fn tgids(&self) -> Vec<u32> {
-        self.enforce.keys().filter_map(Result::ok).collect()
-    }
 }
 
 /// An error with its causes, for logs.
