@@ -48,6 +48,14 @@ pub struct Config {
     pub anomaly: AnomalyConfig,
 }
 
+/// Deserializes a duration written like "500ms", "60s", "1h" or "30d", so that a bad
+/// one is reported with its line and key.
+pub fn duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<std::time::Duration, D::Error> {
+    let text = String::deserialize(d)?;
+    humantime::parse_duration(&text)
+        .map_err(|e| serde::de::Error::custom(format!("{text:?} is not a duration like \"500ms\", \"60s\", \"1h\" or \"30d\": {e}")))
+}
+
 /// A regular expression, compiled (and so checked) while the config is read, so
 /// that a bad one is reported with its line and key.
 #[derive(Debug, Clone)]

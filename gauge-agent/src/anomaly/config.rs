@@ -3,14 +3,14 @@
 
 use std::time::Duration;
 
-use serde::{Deserialize, Deserializer};
+use serde::Deserialize;
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AnomalyConfig {
     pub enabled: bool,
     /// A finding of one kind for one agent is reported again only after this long.
-    #[serde(deserialize_with = "duration")]
+    #[serde(deserialize_with = "crate::config::duration")]
     pub repeat_after: Duration,
     pub spend_spike: SpendSpike,
     pub retry_storm: RetryStorm,
@@ -61,7 +61,7 @@ impl Default for SpendSpike {
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RetryStorm {
-    #[serde(deserialize_with = "duration")]
+    #[serde(deserialize_with = "crate::config::duration")]
     pub window: Duration,
     pub min_calls: u32,
     pub ratio: f64,
@@ -77,7 +77,7 @@ impl Default for RetryStorm {
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Loop {
-    #[serde(deserialize_with = "duration")]
+    #[serde(deserialize_with = "crate::config::duration")]
     pub window: Duration,
     pub repeats: u32,
 }
@@ -136,7 +136,7 @@ pub struct Webhook {
     /// "json" (the finding), "alertmanager" (POST /api/v2/alerts body) or "slack".
     #[serde(default = "json_format")]
     pub format: WebhookFormat,
-    #[serde(default = "five_seconds", deserialize_with = "duration")]
+    #[serde(default = "five_seconds", deserialize_with = "crate::config::duration")]
     pub timeout: Duration,
     #[serde(default = "three")]
     pub retries: u32,
@@ -166,11 +166,6 @@ fn thousand() -> usize {
     1000
 }
 
-pub(crate) fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-    let text = String::deserialize(d)?;
-    humantime::parse_duration(&text)
-        .map_err(|e| serde::de::Error::custom(format!("{text:?} is not a duration like \"500ms\", \"60s\", \"1h\" or \"30d\": {e}")))
-}
 
 impl AnomalyConfig {
     /// Post-parse checks; the reason says what to change.

@@ -189,7 +189,8 @@ fn spend_spike(c: &AnomalyConfig, s: &mut AgentState, o: &Observation) -> Option
     })
 }
 
-fn median_of(values: &mut [f64]) -> f64 {
+/// The median (0 for no values); sorts `values`.
+pub fn median_of(values: &mut [f64]) -> f64 {
     if values.is_empty() {
         return 0.0;
     }

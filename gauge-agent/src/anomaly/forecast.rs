@@ -87,12 +87,7 @@ pub fn theil_sen(values: &[f64]) -> f64 {
             slopes.push((b - a) / (j - i) as f64);
         }
     }
-    if slopes.is_empty() {
-        return 0.0;
-    }
-    slopes.sort_by(f64::total_cmp);
-    let mid = slopes.len() / 2;
-    if slopes.len().is_multiple_of(2) { (slopes[mid - 1] + slopes[mid]) / 2.0 } else { slopes[mid] }
+    super::detectors::median_of(&mut slopes)
 }
 
 /// The model of one agent's spend, from its dense per-minute history.

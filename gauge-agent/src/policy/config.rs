@@ -30,14 +30,14 @@ pub struct PolicyConfig {
     /// Trigger on an anomaly of this kind (spend_spike, retry_storm, loop,
     /// context_growth, model_escalation) for the agent.
     pub on_anomaly: Option<String>,
-    #[serde(default = "minute", deserialize_with = "duration")]
+    #[serde(default = "minute", deserialize_with = "crate::config::duration")]
     pub window: Duration,
     pub action: Action,
     /// How long pause, freeze and throttle last.
-    #[serde(default = "half_minute", deserialize_with = "duration")]
+    #[serde(default = "half_minute", deserialize_with = "crate::config::duration")]
     pub cooldown: Duration,
     /// terminate: SIGKILL this long after SIGTERM if the process still lives.
-    #[serde(default = "ten_seconds", deserialize_with = "duration")]
+    #[serde(default = "ten_seconds", deserialize_with = "crate::config::duration")]
     pub grace: Duration,
     /// throttle: the CPU share left to the cgroup (0 < share <= 1).
     #[serde(default = "tenth")]
@@ -119,11 +119,6 @@ impl<'de> Deserialize<'de> for NonNegative {
     }
 }
 
-fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-    let text = String::deserialize(d)?;
-    humantime::parse_duration(&text)
-        .map_err(|e| serde::de::Error::custom(format!("{text:?} is not a duration like \"500ms\", \"60s\", \"1h\" or \"30d\": {e}")))
-}
 
 fn minute() -> Duration {
     Duration::from_secs(60)

@@ -207,11 +207,7 @@ impl Engine {
     /// counting that request as if it were sent.
     fn over(&mut self, i: usize, key: &ScopeKey, now_ns: u64, next: Option<&RequestFacts>) -> Option<Violation> {
         let p = &self.policies[i];
-        let width = bucket_ns(p);
-        let oldest = (now_ns / width).saturating_sub(BUCKETS - 1);
-        let since = now_ns.saturating_sub(p.window.as_nanos().min(u128::from(u64::MAX)) as u64);
-        let window = self.windows.entry((i, key.clone())).or_default();
-        let t = window.totals(oldest, since);
+        let (t, window) = window_totals(&mut self.windows, p, i, key, now_ns);
         let extra = |b: bool| u64::from(next.is_some() && b);
         let identical = match (next.and_then(|n| n.body_hash), p.max_identical_requests) {
             (Some(hash), Some(_)) => window.bodies.get(&hash).map_or(0, |v| v.len() as u64) + 1,
@@ -240,17 +236,28 @@ impl Engine {
     /// USD spent in policy `i`'s window for `key` at `now_ns`.
     pub fn spent(&mut self, i: usize, key: &ScopeKey, now_ns: u64) -> f64 {
         let Some(p) = self.policies.get(i) else { return 0.0 };
-        let width = bucket_ns(p);
-        let oldest = (now_ns / width).saturating_sub(BUCKETS - 1);
-        let since = now_ns.saturating_sub(p.window.as_nanos().min(u128::from(u64::MAX)) as u64);
-        let window = self.windows.entry((i, key.clone())).or_default();
-        window.totals(oldest, since).cost_pico as f64 / 1e12
+        window_totals(&mut self.windows, p, i, key, now_ns).0.cost_pico as f64 / 1e12
     }
 
     /// Whether policy `i` is still over a window limit for `key` at `now_ns`.
     pub fn still_over(&mut self, i: usize, key: &ScopeKey, now_ns: u64) -> bool {
         self.over(i, key, now_ns, None).is_some()
     }
+}
+
+/// Policy `i`'s counts for `key` over its window ending at `now_ns`, and the window.
+fn window_totals<'a>(
+    windows: &'a mut HashMap<(usize, ScopeKey), Window>,
+    p: &PolicyConfig,
+    i: usize,
+    key: &ScopeKey,
+    now_ns: u64,
+) -> (Counts, &'a Window) {
+    let width = bucket_ns(p);
+    let oldest = (now_ns / width).saturating_sub(BUCKETS - 1);
+    let since = now_ns.saturating_sub(p.window.as_nanos().min(u128::from(u64::MAX)) as u64);
+    let window = windows.entry((i, key.clone())).or_default();
+    (window.totals(oldest, since), window)
 }
 
 fn bucket_ns(p: &PolicyConfig) -> u64 {
