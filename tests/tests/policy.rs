@@ -324,27 +324,7 @@ fn freeze_and_throttle_act_on_cgroups_and_are_released_when_the_agent_stops() {
     let mut running = Vec::new();
     for (agent, _, dir, ..) in &cases {
         std::fs::create_dir_all(dir).expect("make cgroup");
-        // Three requests: the second crosses max_requests, the third is stopped in
-        // the kernel and the cgroup acted on; the client then waits in it. (The mock
-        // may drop a connection frozen past its idle timeout: not what is tested.)
-        let script = format!(
-            "import ssl, http.client, time\n\
-             ctx = ssl.create_default_context(cafile='{ca}')\n\
-             for i in range(3):\n\
-             \x20   try:\n\
-             \x20       c = http.client.HTTPSConnection('127.0.0.1', {port}, context=ctx)\n\
-             \x20       c.request('POST', '/v1/chat/completions', body='{{\"model\":\"{agent}\",\"messages\":[]}}', headers={{'content-type': 'application/json'}})\n\
-             \x20       c.getresponse().read()\n\
-             \x20   except OSError as e:\n\
-             \x20       print('connection lost while frozen:', e, flush=True)\n\
-             \x20   time.sleep(0.3)\n\
-             print('done', flush=True)\n",
-            ca = world.cert.display(),
-            port = world.mock.port,
-        );
-        let line = format!("echo $$ > {}/cgroup.procs && exec python3 -c \"$0\" {agent}-marker", dir.display());
-        let child = Command::new("sh").args(["-c", &line, &script]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("client");
-        running.push(child);
+        running.push(cgroup_client(&world, dir, agent, &format!("{agent}-marker")));
     }
     for (agent, _, dir, file, acted, _) in &cases {
         wait_for_file(&dir.join(file), acted, &world, agent);
@@ -358,6 +338,29 @@ fn freeze_and_throttle_act_on_cgroups_and_are_released_when_the_agent_stops() {
         assert!(status.success(), "{agent}: client failed");
         let _ = std::fs::remove_dir(dir);
     }
+}
+
+/// A client started in the cgroup at `dir` making three requests for `model`: under
+/// a `max_requests = 1` policy, the second crosses it and the third is stopped in the
+/// kernel and the cgroup acted on; the client then waits in it. (The mock may drop a
+/// connection frozen past its idle timeout: not what is tested.)
+fn cgroup_client(world: &World, dir: &Path, model: &str, marker: &str) -> Child {
+    let script = format!(
+        "import ssl, http.client, time\n\
+         ctx = ssl.create_default_context(cafile='{ca}')\n\
+         for i in range(3):\n\
+         \x20   try:\n\
+         \x20       c = http.client.HTTPSConnection('127.0.0.1', {port}, context=ctx)\n\
+         \x20       c.request('POST', '/v1/chat/completions', body='{{\"model\":\"{model}\",\"messages\":[]}}', headers={{'content-type': 'application/json'}})\n\
+         \x20       c.getresponse().read()\n\
+         \x20   except OSError as e:\n\
+         \x20       print('connection lost while frozen:', e, flush=True)\n\
+         \x20   time.sleep(0.3)\n",
+        ca = world.cert.display(),
+        port = world.mock.port,
+    );
+    let line = format!("echo $$ > {}/cgroup.procs && exec python3 -c \"$0\" {marker}", dir.display());
+    Command::new("sh").args(["-c", &line, &script]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("client")
 }
 
 fn wait_for_file(path: &Path, wanted: &str, world: &World, what: &str) {
@@ -480,22 +483,7 @@ fn a_cgroup_frozen_by_an_agent_that_was_killed_is_thawed_by_the_next_start() {
     world.daemon.kill();
     world.daemon = gauge_tests::agent::Daemon::start_with_undo(config, &undo);
     world.daemon.wait_healthy();
-    let script = format!(
-        "import ssl, http.client, time\n\
-         ctx = ssl.create_default_context(cafile='{ca}')\n\
-         for i in range(3):\n\
-         \x20   try:\n\
-         \x20       c = http.client.HTTPSConnection('127.0.0.1', {port}, context=ctx)\n\
-         \x20       c.request('POST', '/v1/chat/completions', body='{{\"model\":\"crash\",\"messages\":[]}}', headers={{'content-type': 'application/json'}})\n\
-         \x20       c.getresponse().read()\n\
-         \x20   except OSError as e:\n\
-         \x20       print('connection lost while frozen:', e, flush=True)\n\
-         \x20   time.sleep(0.3)\n",
-        ca = world.cert.display(),
-        port = world.mock.port,
-    );
-    let line = format!("echo $$ > {}/cgroup.procs && exec python3 -c \"$0\" crash-marker", dir.display());
-    let mut client = Command::new("sh").args(["-c", &line, &script]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("client");
+    let mut client = cgroup_client(&world, &dir, "crash", "crash-marker");
     wait_for_file(&dir.join("cgroup.events"), "frozen 1", &world, "crash-bot");
     // The agent dies without undoing anything: the cgroup stays frozen...
     world.daemon.kill();
