@@ -33,7 +33,7 @@ const RELOAD_POLL: Duration = Duration::from_secs(2);
 
 /// `gauge-agent run`.
 pub async fn run(mut config: Config, config_path: Option<PathBuf>, listen: Option<SocketAddr>, dry_run: bool) -> anyhow::Result<()> {
-    require_root("run")?;
+    check_privileges(crate::privileges::Command::run(&config))?;
     config.enforcement.dry_run |= dry_run;
     let capture = CaptureState::new();
     let mut registry = Registry::default();
@@ -50,6 +50,7 @@ pub async fn run(mut config: Config, config_path: Option<PathBuf>, listen: Optio
     let mut executor = Executor::register(None, cgroups, proc_root.clone(), hold_timeout, &mut registry);
     // Before anything else: undo what an agent that died left stopped or frozen.
     executor.recover(config.enforcement.state_file.clone());
+    let mut heart = crate::lifecycle::Heart::open(&config.enforcement.state_file, &mut registry);
     let reload_failures = prometheus_client::metrics::counter::Counter::<u64>::default();
     registry.register(
         "gauge_config_reload_failures",
@@ -73,6 +74,7 @@ pub async fn run(mut config: Config, config_path: Option<PathBuf>, listen: Optio
         tracing::info!(policies = config.policies.len(), dry_run = config.enforcement.dry_run, "policies armed");
     }
     state.ready.store(true, Ordering::Release);
+    heart.up();
     let mut watch = config_path.map(|path| ConfigWatch::new(path, dry_run));
     let mut poll = tokio::time::interval(RELOAD_POLL);
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -88,7 +90,7 @@ pub async fn run(mut config: Config, config_path: Option<PathBuf>, listen: Optio
                     for done in pipeline.feed(&event) {
                         let (c, who) = (&done.metered.call, &done.who);
                         tracing::debug!(
-                            pid = who.pid, exe = %who.exe, agent = %who.agent, workflow = %who.workflow,
+                            call_id = %done.call_id(), pid = who.pid, exe = %who.exe, agent = %who.agent, workflow = %who.workflow,
                             provider = c.provider.label(), model = c.model(), status = ?c.status,
                             usage = ?c.usage, cost_usd = done.cost.map(|c| c.usd()), incomplete = c.incomplete, "LLM call"
                         );
@@ -102,12 +104,19 @@ pub async fn run(mut config: Config, config_path: Option<PathBuf>, listen: Optio
             },
             _ = sleep_until(executor.next_due()) => executor.due(Instant::now()),
             _ = poll.tick() => {
+                heart.beat();
                 executor.due(Instant::now());
                 executor.forget_gone();
                 pipeline.forget_gone(|pid| executor.alive(pid));
                 if let Some(watch) = &mut watch
                     && let Some(reloaded) = watch.changed()
                 {
+                    // A config that needs a capability this daemon lacks (CAP_KILL for
+                    // a first policy) is refused like a broken one.
+                    let reloaded = reloaded.map_err(anyhow::Error::from).and_then(|new| {
+                        crate::privileges::check(crate::privileges::Command::run(&new))?;
+                        Ok(new)
+                    });
                     match reloaded {
                         Ok(new) => {
                             // Whatever the old policies paused or froze is let go first.
@@ -135,6 +144,7 @@ pub async fn run(mut config: Config, config_path: Option<PathBuf>, listen: Optio
     }
     // Nothing stays paused, frozen or throttled after the agent.
     executor.release_all();
+    heart.stop();
     // Each uprobe's detach waits for the kernel (~0.1 s, serialized on a global
     // lock), so exit takes a moment per hooked function; nothing is left behind.
     tracing::info!("stopping; probes detach as the agent exits");
@@ -166,7 +176,7 @@ pub async fn record(
     duration: Option<Duration>,
     redact: bool,
 ) -> anyhow::Result<()> {
-    require_root("record")?;
+    check_privileges(crate::privileges::Command::Record)?;
     let capture = CaptureState::new();
     let mut events = runtime::start(config.capture_options(), capture.clone())?.events;
     // Owner-only: even redacted, a recording holds prompts and completions.
@@ -208,12 +218,12 @@ pub async fn record(
     }
     writer.flush()?;
     let kernel = capture.kernel_stats();
-    let counters = &capture.counters;
     eprintln!(
-        "gauge-agent record: {written} events written to {}; lost: {} in the kernel ring, {} in the agent queue; {} bytes truncated",
+        "gauge-agent record: {written} events written to {}; lost: {} in the kernel ring, {} over a process's share of it, {} undecodable; {} bytes truncated",
         output.display(),
         kernel.events_lost,
-        counters.queue_full.load(Ordering::Relaxed),
+        kernel.events_throttled,
+        capture.counters.decode_errors.load(Ordering::Relaxed),
         kernel.bytes_truncated,
     );
     Ok(())
@@ -263,12 +273,16 @@ pub fn load_config(path: Option<&PathBuf>) -> anyhow::Result<Config> {
     Ok(Config::load(path.map(PathBuf::as_path))?)
 }
 
-fn require_root(command: &str) -> anyhow::Result<()> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        bail!(
-            "gauge-agent {command} needs root: loading eBPF probes requires CAP_BPF, CAP_PERFMON and \
-             CAP_SYS_ADMIN. Run it with sudo (or `cargo xtask run`, which does)."
+/// Refuses to start without a capability the command cannot work without (naming it,
+/// its use and how to grant it); warns once per feature that will fail for want of
+/// an optional one.
+fn check_privileges(command: crate::privileges::Command) -> anyhow::Result<()> {
+    for missing in crate::privileges::check(command)? {
+        tracing::warn!(
+            capability = missing.capability.name(),
+            "{} is missing, so this will not work: {} (README.md, Requirements, says how to grant it)",
+            missing.capability,
+            missing.for_what
         );
     }
     Ok(())

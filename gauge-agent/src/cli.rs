@@ -98,4 +98,12 @@ pub enum Command {
         /// The file to check.
         file: PathBuf,
     },
+    /// The child of the start-up uretprobe canary (`source::hazards`), started by
+    /// the agent itself.
+    #[command(name = "__uretprobe-canary", hide = true)]
+    UretprobeCanary {
+        /// Once confined, make a syscall the filter forbids (proves the confinement).
+        #[arg(long)]
+        forbidden_syscall: bool,
+    },
 }

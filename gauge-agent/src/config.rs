@@ -11,7 +11,7 @@ use crate::{
     metering::{cardinality::LabelLimits, outcomes::OutcomesConfig, prices::PriceEntry},
     policy::config::{EnforcementConfig, PolicyConfig},
     reassembly::Limits,
-    source::{kernel::LoadOptions, runtime::CaptureOptions},
+    source::{hazards::ReturnProbes, kernel::LoadOptions, runtime::CaptureOptions},
 };
 
 /// The configuration used when no `--config` is given.
@@ -89,11 +89,13 @@ impl std::ops::Deref for Pattern {
 pub struct Http {
     pub max_connections: usize,
     pub idle_timeout_secs: u64,
+    pub max_buffered_bytes: usize,
 }
 
 impl Default for Http {
     fn default() -> Self {
-        Self { max_connections: 16384, idle_timeout_secs: 300 }
+        let limits = Limits::default();
+        Self { max_connections: limits.max_connections, idle_timeout_secs: 300, max_buffered_bytes: limits.max_buffered_bytes }
     }
 }
 
@@ -112,7 +114,10 @@ pub struct Capture {
     pub ring_buffer_bytes: u32,
     pub max_call_bytes: u32,
     pub queue_events: usize,
+    pub queue_bytes: usize,
     pub extra_targets: Vec<PathBuf>,
+    /// Whether uretprobes are attached; "auto" asks the start-up canary.
+    pub return_probes: ReturnProbes,
 }
 
 impl Default for Server {
@@ -123,7 +128,7 @@ impl Default for Server {
 
 impl Default for Capture {
     fn default() -> Self {
-        Self { ring_buffer_bytes: 16 << 20, max_call_bytes: gauge_common::tls::MAX_CALL_BYTES, queue_events: 65536, extra_targets: Vec::new() }
+        Self { ring_buffer_bytes: 16 << 20, max_call_bytes: gauge_common::tls::MAX_CALL_BYTES, queue_events: 65536, queue_bytes: 16 << 20, extra_targets: Vec::new(), return_probes: ReturnProbes::Auto }
     }
 }
 
@@ -181,6 +186,12 @@ impl Config {
         if c.queue_events == 0 {
             return Err(invalid("capture.queue_events", "0".into(), "must be at least 1"));
         }
+        if c.queue_bytes < 1 << 20 {
+            return Err(invalid("capture.queue_bytes", c.queue_bytes.to_string(), "must be at least 1048576 (1 MiB)"));
+        }
+        if self.http.max_buffered_bytes < 1 << 20 {
+            return Err(invalid("http.max_buffered_bytes", self.http.max_buffered_bytes.to_string(), "must be at least 1048576 (1 MiB)"));
+        }
         if let Some(label) = self.labels.zero() {
             return Err(invalid(&format!("labels.{label}"), "0".into(), "must be at least 1"));
         }
@@ -220,14 +231,22 @@ impl Config {
         Limits {
             max_connections: self.http.max_connections,
             idle_timeout_ns: self.http.idle_timeout_secs.saturating_mul(1_000_000_000),
+            max_buffered_bytes: self.http.max_buffered_bytes,
         }
     }
 
     pub fn capture_options(&self) -> CaptureOptions {
         CaptureOptions {
-            load: LoadOptions { ring_buffer_bytes: self.capture.ring_buffer_bytes, max_call_bytes: self.capture.max_call_bytes },
+            load: LoadOptions {
+                ring_buffer_bytes: self.capture.ring_buffer_bytes,
+                max_call_bytes: self.capture.max_call_bytes,
+                // Auto is settled by the canary when the capture starts.
+                return_probes: self.capture.return_probes != ReturnProbes::Off,
+            },
             queue_events: self.capture.queue_events,
+            queue_bytes: self.capture.queue_bytes,
             extra_targets: self.capture.extra_targets.clone(),
+            return_probes: self.capture.return_probes,
         }
     }
 }
@@ -321,5 +340,17 @@ mod tests {
         assert_eq!(config.agents.len(), 1);
         assert!(config.attribution.customer.enabled && config.attribution.agent_env.is_empty());
         assert_eq!(config.labels.model, 50);
+    }
+
+    #[test]
+    fn return_probes_are_auto_on_or_off() {
+        assert_eq!(Config::load(None).expect("default").capture.return_probes, ReturnProbes::Auto);
+        let config = Config::parse("[capture]\nreturn_probes = \"off\"\n", "g.toml").expect("off parses");
+        assert_eq!(config.capture.return_probes, ReturnProbes::Off);
+        let options = config.capture_options();
+        assert!(!options.load.return_probes && options.return_probes == ReturnProbes::Off);
+        assert!(Config::parse("[capture]\nreturn_probes = \"on\"\n", "g.toml").expect("on").capture_options().load.return_probes);
+        let err = Config::parse("[capture]\nreturn_probes = \"maybe\"\n", "g.toml").expect_err("not a mode").to_string();
+        assert!(err.contains("return_probes") && err.contains("line 2"), "{err}");
     }
 }

@@ -12,6 +12,11 @@ use gauge_agent::{
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    if let Command::UretprobeCanary { forbidden_syscall } = cli.command {
+        // Before logging or the runtime start threads: seccomp confines one thread.
+        use gauge_agent::source::hazards::{ChildMode, canary_child};
+        canary_child(if forbidden_syscall { ChildMode::ForbiddenSyscall } else { ChildMode::Canary });
+    }
     telemetry::init();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -38,5 +43,7 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Prices { models, provider, config } => app::prices(&app::load_config(config.as_ref())?, &provider, &models),
         Command::CheckConfig { file } => app::check_config(&file),
+        // Ran (and exited) above.
+        Command::UretprobeCanary { .. } => Ok(()),
     }
 }

@@ -9,6 +9,7 @@ use crate::{
     anomaly::{AnomalyStage, BudgetState},
     attribution::{Attribution, Attributor, process::ProcessSource},
     config::Config,
+    llm::CallId,
     metering::{
         LlmMetrics, ReassemblyMetrics, RetryDetector,
         cardinality::LabelCaps,
@@ -30,6 +31,14 @@ pub struct Finished {
     pub metered: Metered,
     pub who: Attribution,
     pub cost: Option<Cost>,
+}
+
+impl Finished {
+    /// The call's identity for logs (process, connection, exchange, start).
+    pub fn call_id(&self) -> CallId {
+        let (origin, call) = (&self.metered.origin, &self.metered.call);
+        CallId { pid: origin.tgid, process_start: self.who.start_time, connection: origin.connection, exchange: call.exchange, start_ns: call.start_ns }
+    }
 }
 
 pub struct Pipeline {
@@ -150,7 +159,7 @@ impl Pipeline {
             }
             self.finished.push(done);
         }
-        self.reassembly.update(self.reassembler.drops(), self.reassembler.open_connections());
+        self.reassembly.update(self.reassembler.drops(), self.reassembler.open_connections(), self.reassembler.buffered_bytes());
         &self.finished
     }
 }

@@ -13,6 +13,11 @@ pub const LLM_CONNECTIONS: &str = "LLM_CONNECTIONS";
 pub const GLOBAL_MAX_CALL_BYTES: &str = "MAX_CALL_BYTES";
 /// Global `u32`: the agent's own tgid, whose TLS traffic is never captured.
 pub const GLOBAL_SELF_TGID: &str = "SELF_TGID";
+/// Array of one `u64`: how often the start-up canary's return probe fired.
+pub const CANARY_HITS: &str = "CANARY_HITS";
+/// Global `u32`: 1 when writes are emitted at `SSL_write*` entry because return
+/// probes are off (see `gauge-agent` `source::hazards`).
+pub const GLOBAL_WRITE_AT_ENTRY: &str = "WRITE_AT_ENTRY";
 
 /// Program names (the Rust function names in `gauge-ebpf`).
 pub mod programs {
@@ -27,4 +32,6 @@ pub mod programs {
     pub const SSL_SHUTDOWN_ENTRY: &str = "ssl_shutdown_entry";
     pub const SSL_FREE_ENTRY: &str = "ssl_free_entry";
     pub const SCHED_PROCESS_EXEC: &str = "sched_process_exec";
+    /// The start-up canary's no-op return probe.
+    pub const CANARY_RETURN: &str = "canary_return";
 }

@@ -75,6 +75,11 @@ pub mod stat {
     pub const READ_FAULTS: u32 = 5;
     /// Return probes that found no saved arguments (attached mid-call).
     pub const MISSING_ENTRY: u32 = 6;
+    /// Data records refused because their process took more than its share of a
+    /// ring that is filling up (see `gauge-ebpf` `emit::admitted`).
+    pub const EVENTS_THROTTLED: u32 = 7;
+    /// Data bytes in those records.
+    pub const BYTES_THROTTLED: u32 = 8;
     /// Number of counters.
-    pub const COUNT: u32 = 7;
+    pub const COUNT: u32 = 9;
 }

@@ -5,9 +5,60 @@ use aya_ebpf::helpers::{
     generated::{bpf_loop, bpf_probe_read_user, bpf_ringbuf_output},
 };
 use core::ffi::c_void;
-use gauge_common::tls::{CHUNK_BYTES, HEADER_BYTES, MAX_CHUNKS_PER_CALL, stat};
+use gauge_common::tls::{CHUNK_BYTES, HEADER_BYTES, MAX_CHUNKS_PER_CALL, kind, stat};
 
-use crate::maps::{Chunk, EVENTS, SCRATCH, count, max_call_bytes};
+use crate::maps::{Chunk, EVENTS, SCRATCH, SHARES, Share, count, max_call_bytes};
+
+/// `bpf_ringbuf_query` flags.
+const BPF_RB_AVAIL_DATA: u64 = 0;
+const BPF_RB_RING_SIZE: u64 = 1;
+/// The window over which a process's share of the ring is counted.
+const SHARE_WINDOW_NS: u64 = 100_000_000;
+
+/// Whether a data record of `bytes` from `tgid` may go on the ring.
+///
+/// One process must not blind the capture of all others by flooding the shared
+/// ring. While the ring is less than a quarter full nothing is counted (the common
+/// case costs two queries). Past a quarter, each process's bytes per 100 ms window
+/// are counted; past half full, a process that has put more than an eighth of the
+/// ring in its window is refused. Its window does not start afresh while the ring
+/// stays over half full, so it is refused until user space has drained the ring
+/// back under half, however slowly that goes: a flooder cannot take the rest of
+/// the ring, which stays for processes sending ordinary amounts (they never reach
+/// their share, so their windows start afresh as usual).
+#[inline(always)]
+fn admitted(tgid: u32, now_ns: u64, bytes: u64) -> bool {
+    let size = EVENTS.query(BPF_RB_RING_SIZE);
+    let pending = EVENTS.query(BPF_RB_AVAIL_DATA);
+    if pending < size / 4 {
+        return true;
+    }
+    let share = match SHARES.get_ptr_mut(tgid) {
+        Some(share) => share,
+        None => {
+            let _ = SHARES.insert(tgid, Share { window_start_ns: now_ns, bytes: 0 }, 0);
+            match SHARES.get_ptr_mut(tgid) {
+                Some(share) => share,
+                None => return true,
+            }
+        }
+    };
+    // SAFETY: a live map value; concurrent updates from another CPU only make the
+    // estimate rougher (see SHARES).
+    let share = unsafe { &mut *share };
+    let pressed = pending > size / 2;
+    let over = share.bytes > size / 8;
+    // A start time ahead of `now` (another CPU just moved it) is no expiry.
+    let expired = now_ns > share.window_start_ns && now_ns - share.window_start_ns > SHARE_WINDOW_NS;
+    if expired && !(pressed && over) {
+        share.window_start_ns = now_ns;
+        share.bytes = 0;
+    } else if pressed && over {
+        return false;
+    }
+    share.bytes += bytes;
+    true
+}
 
 /// The per-CPU scratch record with its header filled for the current task.
 #[inline(always)]
@@ -30,14 +81,23 @@ fn scratch(kind: u32, connection: u64, call_len: u32) -> Option<&'static mut Chu
     Some(chunk)
 }
 
-/// Sends `header + data[..len]`; counts it as submitted or lost.
+/// Sends `header + data[..len]`; counts it as submitted, lost or throttled. False
+/// when throttled: the rest of the call would be too.
 #[inline(always)]
-fn output(chunk: &mut Chunk, len: usize) {
+fn output(chunk: &mut Chunk, len: usize) -> bool {
+    // Only plaintext is rationed: markers are tiny, and a held request must reach
+    // user space, whose process waits stopped for the decision.
+    let data = chunk.header.kind == kind::WRITE || chunk.header.kind == kind::READ;
+    if data && !admitted(chunk.header.tgid, chunk.header.timestamp_ns, (HEADER_BYTES + len) as u64) {
+        count(stat::EVENTS_THROTTLED, 1);
+        count(stat::BYTES_THROTTLED, len as u64);
+        return false;
+    }
     // Re-clamp right before the helper call: the verifier needs the bound on the
     // exact register it checks, and the compiler may not keep an earlier one.
     let len = len & (2 * CHUNK_BYTES - 1);
     if len > CHUNK_BYTES {
-        return;
+        return true;
     }
     chunk.header.chunk_len = len as u32;
     // SAFETY: `chunk` is a valid map value of HEADER_BYTES + CHUNK_BYTES bytes and
@@ -57,6 +117,7 @@ fn output(chunk: &mut Chunk, len: usize) {
         count(stat::EVENTS_LOST, 1);
         count(stat::BYTES_LOST, len as u64);
     }
+    true
 }
 
 /// State of one call's copy loop, on the caller's stack.
@@ -119,8 +180,12 @@ extern "C" fn copy_chunk(index: u64, ctx: *mut c_void) -> i64 {
         count(stat::READ_FAULTS, 1);
         return 1;
     }
-    output(chunk, len);
-    0
+    if output(chunk, len) {
+        return 0;
+    }
+    // Refused: the rest of the call would be too, so it is counted and skipped.
+    count(stat::BYTES_THROTTLED, (cap - offset - len) as u64);
+    1
 }
 
 /// Emits a header-only record (connection close, exec).
@@ -134,6 +199,6 @@ pub fn marker(kind: u32, connection: u64) {
 pub fn marker_with(kind: u32, connection: u64, value: u32) {
     if let Some(chunk) = scratch(kind, connection, 0) {
         chunk.header.offset = value;
-        output(chunk, 0);
+        let _ = output(chunk, 0);
     }
 }

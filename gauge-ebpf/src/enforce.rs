@@ -19,28 +19,38 @@ use crate::{
 
 const SIGSTOP: u32 = 19;
 
-/// Called at every `SSL_write*` entry with the call's arguments; returns whether
-/// the process was signalled.
+/// What enforcement did to a write.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum AtWrite {
+    /// Nothing: the write goes ahead.
+    Passed,
+    /// Copied out and the process stopped until user space decides.
+    Held,
+    /// The process was signalled; the bytes are not to be sent.
+    Blocked,
+}
+
+/// Called at every `SSL_write*` entry with the call's arguments.
 #[inline(always)]
-pub fn at_write(ssl: u64, buf: u64, len: u64) -> bool {
+pub fn at_write(ssl: u64, buf: u64, len: u64) -> AtWrite {
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
     // SAFETY: the value is copied out at once.
-    let Some(enforcement) = (unsafe { ENFORCE.get(&tgid) }).copied() else { return false };
+    let Some(enforcement) = (unsafe { ENFORCE.get(&tgid) }).copied() else { return AtWrite::Passed };
     if !is_llm_request(tgid, ssl, buf) {
-        return false;
+        return AtWrite::Passed;
     }
     if enforcement.flags & flag::BLOCK != 0 {
         emit::marker_with(kind::STOPPED, ssl, enforcement.signal);
         // SAFETY: signals the current process, which is the target.
         unsafe { bpf_send_signal(enforcement.signal) };
-        true
+        AtWrite::Blocked
     } else if enforcement.flags & flag::GATE != 0 {
         emit::call(kind::HELD, ssl, buf, len.min(u32::MAX as u64) as u32);
         // SAFETY: as above; the stop takes effect before the call's first instruction.
         unsafe { bpf_send_signal(SIGSTOP) };
-        true
+        AtWrite::Held
     } else {
-        false
+        AtWrite::Passed
     }
 }
 

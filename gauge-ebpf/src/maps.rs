@@ -39,6 +39,19 @@ pub static ENFORCE: HashMap<u32, Enforcement> = HashMap::with_max_entries(16384,
 #[map]
 pub static LLM_CONNECTIONS: LruHashMap<ConnectionKey, u8> = LruHashMap::with_max_entries(65536, 0);
 
+/// Bytes each process put on the ring in its current window, counted only while
+/// the ring is filling up. Racy across CPUs by design: a fair share needs an
+/// estimate, not an exact count, and atomics would cost every probe hit.
+#[map]
+pub static SHARES: LruHashMap<u32, Share> = LruHashMap::with_max_entries(16384, 0);
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Share {
+    pub window_start_ns: u64,
+    pub bytes: u64,
+}
+
 /// Most bytes captured from one call; user space sets it from the config.
 #[unsafe(no_mangle)]
 static MAX_CALL_BYTES: u32 = HARD_MAX_CALL_BYTES;
@@ -50,6 +63,16 @@ pub fn max_call_bytes() -> u32 {
     // volatile read keeps the compiler from folding in the default.
     let configured = unsafe { core::ptr::read_volatile(&MAX_CALL_BYTES) };
     configured.min(HARD_MAX_CALL_BYTES)
+}
+
+/// 1 when return probes are off: writes are then emitted at entry. Set at load.
+#[unsafe(no_mangle)]
+static WRITE_AT_ENTRY: u32 = 0;
+
+#[inline(always)]
+pub fn write_at_entry() -> bool {
+    // SAFETY: as for MAX_CALL_BYTES.
+    unsafe { core::ptr::read_volatile(&WRITE_AT_ENTRY) != 0 }
 }
 
 #[repr(C)]

@@ -201,6 +201,11 @@ impl Daemon {
         Self::spawn(config, "info", Some(undo))
     }
 
+    /// The same, logging at `level` (e.g. "info,gauge_agent::app=debug" for every call).
+    pub fn start_with_undo_logging(config: &str, undo: &Path, level: &str) -> Self {
+        Self::spawn(config, level, Some(undo))
+    }
+
     fn spawn(config: &str, level: &str, undo: Option<&Path>) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let config_path = dir.path().join("gauge.toml");
@@ -220,14 +225,12 @@ impl Daemon {
         let log = Log::default();
         log.follow(child.stderr.take().expect("stderr"));
         log.wait_for(&["serving /metrics"], Duration::from_secs(30));
-        let text = log.text();
-        let addr = text
-            .split("addr=")
-            .nth(1)
-            .and_then(|rest| rest.split_whitespace().next())
-            .unwrap_or_else(|| panic!("no listen address in the daemon log:\n{text}"))
-            .to_owned();
+        let addr = listen_address(&log.text());
         Self { child, addr, log, config: config_path, _dir: dir }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// GET `path` on the daemon's listener: (status, body).
@@ -285,6 +288,15 @@ impl Drop for Daemon {
     }
 }
 
+/// The address the daemon chose for `--listen 127.0.0.1:0`, from its log.
+fn listen_address(log: &str) -> String {
+    log.split("addr=")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no listen address in the daemon log:\n{log}"))
+        .to_owned()
+}
+
 /// A minimal HTTP/1.0 GET for loopback test use.
 pub fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
     use std::io::{Read, Write};
@@ -310,4 +322,62 @@ pub fn wait_timeout(child: &mut Child, timeout: Duration) -> Option<std::process
         thread::sleep(Duration::from_millis(20));
     }
     None
+}
+
+/// How a daemon started through a command prefix ended before it served.
+#[derive(Debug)]
+pub struct Refused {
+    pub status: std::process::ExitStatus,
+    pub log: String,
+}
+
+impl Daemon {
+    /// `gauge-agent run` on a free loopback port through `prefix` (e.g. `setpriv` with
+    /// another user and capability set), so its config is readable, and its state
+    /// directory writable, by any user. Err if it exits before serving.
+    pub fn start_through(prefix: &[String], config: &str) -> Result<Self, Refused> {
+        use std::os::unix::{fs::PermissionsExt as _, process::CommandExt as _};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config_path = dir.path().join("gauge.toml");
+        let state = dir.path().join("state");
+        std::fs::create_dir(&state).expect("state dir");
+        std::fs::write(&config_path, config).expect("write config");
+        for (path, mode) in [(dir.path(), 0o755), (state.as_path(), 0o777), (config_path.as_path(), 0o644)] {
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+        }
+        let (program, args) = prefix.split_first().expect("a command prefix");
+        let mut cmd = Command::new(program);
+        cmd.args(args)
+            .arg(agent_binary())
+            .args(["run", "--listen", "127.0.0.1:0", "--state-file"])
+            .arg(state.join("undo.json"))
+            .arg("--config")
+            .arg(&config_path)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        let mut child = cmd.spawn().expect("start gauge-agent run");
+        let log = Log::default();
+        log.follow(child.stderr.take().expect("stderr"));
+        let start = Instant::now();
+        while !log.text().contains("serving /metrics") {
+            if let Ok(Some(status)) = child.try_wait() {
+                // The reader thread may still hold the last lines: let it finish.
+                thread::sleep(Duration::from_millis(200));
+                return Err(Refused { status, log: log.text() });
+            }
+            assert!(start.elapsed() < Duration::from_secs(30), "daemon neither served nor exited in 30 s:\n{}", log.text());
+            thread::sleep(Duration::from_millis(20));
+        }
+        let addr = listen_address(&log.text());
+        Ok(Self { child, addr, log, config: config_path, _dir: dir })
+    }
 }

@@ -101,6 +101,8 @@ pub struct Attribution {
     /// For logs only: pids and paths are not labels.
     pub pid: u32,
     pub exe: String,
+    /// The process's kernel start time (0 when unknown): with `pid`, names it.
+    pub start_time: u64,
 }
 
 pub struct Attributor {
@@ -157,6 +159,7 @@ impl Attributor {
             customer: self.config.customer.enabled.then(|| self.customer(request)),
             pid: me.tgid,
             exe: me.exe.clone(),
+            start_time: me.start_time,
         }
     }
 

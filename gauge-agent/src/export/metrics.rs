@@ -15,6 +15,7 @@ use prometheus_client::{
 };
 
 use crate::source::{
+    hazards::ReturnProbeState,
     kernel::KernelStats,
     runtime::{CaptureCounters, CaptureState},
 };
@@ -24,6 +25,10 @@ pub trait CaptureStats: Send + Sync + 'static {
     fn counters(&self) -> &CaptureCounters;
     fn kernel(&self) -> KernelStats;
     fn probes_attached(&self) -> usize;
+    /// Whether return probes are attached; None before the capture starts.
+    fn return_probes(&self) -> Option<ReturnProbeState> {
+        None
+    }
 }
 
 impl CaptureStats for CaptureState {
@@ -35,6 +40,9 @@ impl CaptureStats for CaptureState {
     }
     fn probes_attached(&self) -> usize {
         CaptureState::probes_attached(self)
+    }
+    fn return_probes(&self) -> Option<ReturnProbeState> {
+        CaptureState::return_probes(self).cloned()
     }
 }
 
@@ -95,11 +103,17 @@ impl<S: CaptureStats> Collector for CaptureCollector<S> {
         counter(
             &mut encoder,
             "gauge_capture_lost_events",
-            "Capture records lost, by reason: ring_full (kernel ring buffer), queue_full (agent pipeline), decode_error.",
+            "Capture records lost, by reason: ring_full (kernel ring buffer), throttled (a process over its share of a filling ring), decode_error. The agent's queue never drops: while it is full the ring fills instead.",
             "reason",
-            &[("ring_full", k.events_lost), ("queue_full", get(&c.queue_full)), ("decode_error", get(&c.decode_errors))],
+            &[("ring_full", k.events_lost), ("throttled", k.events_throttled), ("decode_error", get(&c.decode_errors))],
         )?;
         plain_counter(&mut encoder, "gauge_capture_lost_bytes", "Plaintext bytes in records lost to a full ring buffer.", k.bytes_lost)?;
+        plain_counter(
+            &mut encoder,
+            "gauge_capture_throttled_bytes",
+            "Plaintext bytes not captured because their process took more than its share of a filling ring (one process cannot blind the capture of the others).",
+            k.bytes_throttled,
+        )?;
         plain_counter(
             &mut encoder,
             "gauge_capture_truncated_bytes",
@@ -126,6 +140,16 @@ impl<S: CaptureStats> Collector for CaptureCollector<S> {
             None,
             MetricType::Gauge,
         )?)?;
+        if let Some(state) = self.0.return_probes() {
+            let mut metric = encoder.encode_descriptor(
+                "gauge_capture_return_probes",
+                "1 for whether return probes are attached (state on/off) and what decided it (reason canary: the start-up seccomp canary; config: capture.return_probes). Off, responses are not captured.",
+                None,
+                MetricType::Gauge,
+            )?;
+            let labels = [("state", state.state_label()), ("reason", state.reason.label())];
+            ConstGauge::new(1i64).encode(metric.encode_family(&labels)?)?;
+        }
         Ok(())
     }
 }
@@ -168,5 +192,38 @@ mod tests {
         ] {
             assert!(text.contains(line), "missing `{line}` in:\n{text}");
         }
+    }
+
+    struct Off(CaptureCounters);
+
+    impl CaptureStats for Off {
+        fn counters(&self) -> &CaptureCounters {
+            &self.0
+        }
+        fn kernel(&self) -> KernelStats {
+            KernelStats::default()
+        }
+        fn probes_attached(&self) -> usize {
+            4
+        }
+        fn return_probes(&self) -> Option<ReturnProbeState> {
+            let reason = crate::source::hazards::Reason::Config;
+            Some(ReturnProbeState { on: false, reason, detail: String::new() })
+        }
+    }
+
+    #[test]
+    fn the_return_probe_decision_is_one_labelled_gauge() {
+        let mut registry = Registry::default();
+        CaptureCollector::register(&mut registry, Arc::new(Off(CaptureCounters::default())));
+        let mut text = String::new();
+        encode(&mut text, &registry).expect("encodes");
+        assert!(text.contains("gauge_capture_return_probes{state=\"off\",reason=\"config\"} 1"), "{text}");
+        // Before the capture starts there is no decision, and no sample.
+        let mut registry = Registry::default();
+        CaptureCollector::register(&mut registry, Arc::new(Fixed(CaptureCounters::default(), KernelStats::default())));
+        let mut text = String::new();
+        encode(&mut text, &registry).expect("encodes");
+        assert!(!text.contains("gauge_capture_return_probes{"), "{text}");
     }
 }

@@ -76,6 +76,11 @@ impl Decoder {
         self.state == State::Failed
     }
 
+    /// Bytes held while a head is incomplete (at most [`MAX_HEAD`]).
+    pub fn buffered(&self) -> usize {
+        self.buf.capacity()
+    }
+
     /// Decodes `bytes`, appending events to `out`.
     pub fn feed(&mut self, bytes: &[u8], out: &mut Vec<Event>) -> Result<(), H1Error> {
         if self.state == State::Failed {

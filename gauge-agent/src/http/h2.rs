@@ -19,8 +19,9 @@ pub const MAX_FRAME: usize = 1 << 20;
 pub const MAX_FRAME_UNSYNCED: usize = 16 * 1024;
 /// Largest header block assembled from CONTINUATION frames.
 pub const MAX_HEADER_BLOCK: usize = 256 * 1024;
-/// HPACK dynamic table size accepted from the peer's encoder.
-const MAX_TABLE: usize = 1 << 20;
+/// HPACK dynamic table size accepted from the peer's encoder: 16 times the 4 KiB
+/// default that clients keep, so that a hostile connection cannot hold more.
+const MAX_TABLE: usize = 64 << 10;
 
 const DATA: u8 = 0;
 const HEADERS: u8 = 1;
@@ -72,6 +73,14 @@ impl std::fmt::Debug for Decoder {
 }
 
 impl Decoder {
+    /// Bytes held: a partial frame, a header block waiting for CONTINUATION, and the
+    /// HPACK table (estimated at the 4 KiB every peer starts with; it may grow to
+    /// `MAX_TABLE` if both ends agree).
+    pub fn buffered(&self) -> usize {
+        const HPACK_TABLE: usize = 4096;
+        self.buf.capacity() + self.pending_block.as_ref().map_or(0, |(_, _, block, _)| block.capacity()) + HPACK_TABLE
+    }
+
     /// `client`: this direction starts with the connection preface. `in_sync`: the
     /// connection was seen from its start (otherwise the HPACK table is unknown).
     pub fn new(client: bool, in_sync: bool) -> Self {

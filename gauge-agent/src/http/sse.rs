@@ -22,6 +22,11 @@ pub struct Decoder {
 }
 
 impl Decoder {
+    /// Bytes held for the event being read.
+    pub fn buffered(&self) -> usize {
+        self.line.capacity() + self.data.as_ref().map_or(0, String::capacity) + self.event.as_ref().map_or(0, String::capacity)
+    }
+
     pub fn feed(&mut self, bytes: &[u8], out: &mut Vec<SseEvent>) {
         for &byte in bytes {
             if byte == b'\n' {

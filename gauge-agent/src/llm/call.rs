@@ -6,7 +6,7 @@ use std::hash::{DefaultHasher, Hasher as _};
 
 
 use super::{
-    Endpoint, Provider, Recognized, estimate,
+    Endpoint, Exchange, Provider, Recognized, estimate,
     request::RequestContext,
     usage::{self, Envelope, GeminiUsage, RawUsage, Usage},
 };
@@ -47,6 +47,8 @@ pub struct LlmCall {
     pub by_shape: bool,
     /// Headers and body fields attribution reads (no credentials).
     pub request: RequestContext,
+    /// Which exchange on its connection (for the call's identity in logs).
+    pub exchange: Exchange,
 }
 
 #[cfg(test)]
@@ -73,6 +75,7 @@ impl LlmCall {
             incomplete: false,
             by_shape: false,
             request: RequestContext::default(),
+            exchange: Exchange::Unknown,
         }
     }
 }
@@ -108,6 +111,20 @@ impl LlmCall {
     }
 }
 
+
+/// Appends what fits of `bytes` under `max`, growing the buffer (by doubling) never
+/// past `max` itself: plain doubling near the cap would reserve up to twice it.
+/// Returns whether bytes were cut.
+fn append_capped(buf: &mut Vec<u8>, bytes: &[u8], max: usize) -> bool {
+    let take = bytes.len().min(max.saturating_sub(buf.len()));
+    let needed = buf.len() + take;
+    if needed > buf.capacity() {
+        let grown = buf.capacity().saturating_mul(2).max(needed).min(max);
+        buf.reserve_exact(grown - buf.len());
+    }
+    buf.extend_from_slice(&bytes[..take]);
+    take < bytes.len()
+}
 
 /// Usage as it accumulates over a stream.
 #[derive(Debug, Default)]
@@ -147,6 +164,7 @@ pub struct CallTracker {
     /// Recognised from the request body, without headers.
     by_shape: bool,
     request: RequestContext,
+    exchange: Exchange,
 }
 
 impl CallTracker {
@@ -176,7 +194,13 @@ impl CallTracker {
             output_text: String::new(),
             by_shape: false,
             request: RequestContext::from_headers(&head.headers),
+            exchange: Exchange::Unknown,
         }
+    }
+
+    /// Where on its connection this call is (reassembly knows, the tracker does not).
+    pub fn set_exchange(&mut self, exchange: Exchange) {
+        self.exchange = exchange;
     }
 
     /// A call recognised from its request body alone (see `providers::recognize_body`);
@@ -190,12 +214,21 @@ impl CallTracker {
         call
     }
 
+    /// Bytes this call holds: bodies and texts kept (each capped), the SSE and
+    /// decompression state.
+    pub fn buffered(&self) -> usize {
+        self.request_body.capacity()
+            + self.body.capacity()
+            + self.request_text.capacity()
+            + self.output_text.capacity()
+            + self.sse.as_ref().map_or(0, sse::Decoder::buffered)
+            + self.encoding.as_ref().map_or(0, ContentDecoder::state_bytes)
+    }
+
     pub fn request_body(&mut self, bytes: &[u8]) {
         // Raw bytes, no length prefix: the hash must not depend on how reads split.
         self.hasher.write(bytes);
-        let room = MAX_REQUEST_BODY.saturating_sub(self.request_body.len());
-        self.request_body_cut |= bytes.len() > room;
-        self.request_body.extend_from_slice(&bytes[..bytes.len().min(room)]);
+        self.request_body_cut |= append_capped(&mut self.request_body, bytes, MAX_REQUEST_BODY);
     }
 
     /// The request is complete: read the model and whether a stream was asked for.
@@ -261,9 +294,7 @@ impl CallTracker {
             }
             return;
         }
-        let room = MAX_RESPONSE_BODY.saturating_sub(self.body.len());
-        self.body_cut |= bytes.len() > room;
-        self.body.extend_from_slice(&bytes[..bytes.len().min(room)]);
+        self.body_cut |= append_capped(&mut self.body, bytes, MAX_RESPONSE_BODY);
     }
 
     fn stream_event(&mut self, event: &sse::SseEvent, at_ns: u64) {
@@ -385,6 +416,7 @@ impl CallTracker {
             incomplete: !complete || self.body_cut || self.request_body_cut || self.undecodable,
             by_shape: self.by_shape,
             request: self.request,
+            exchange: self.exchange,
         }
     }
 }

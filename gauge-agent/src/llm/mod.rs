@@ -12,11 +12,13 @@
 
 pub mod call;
 pub mod estimate;
+pub mod identity;
 pub mod providers;
 pub mod request;
 pub mod usage;
 
 pub use call::{CallTracker, LlmCall, UsageSource};
+pub use identity::{CallId, Exchange};
 pub use providers::{Endpoint, Provider, Recognized};
 pub use request::RequestContext;
 pub use usage::Usage;

@@ -280,6 +280,7 @@ pub struct ReassemblyMetrics {
     dropped: Family<ReasonLabels, Counter>,
     hpack_desyncs: Counter,
     open: Gauge,
+    buffered: Gauge,
     last: Drops,
 }
 
@@ -289,26 +290,33 @@ impl ReassemblyMetrics {
         let open = Gauge::default();
         registry.register(
             "gauge_http_dropped",
-            "Connections or calls reassembly could not fully use: not_http1 (HTTP/2 until supported, other protocols), server_side (the process serves HTTPS), evicted_capacity, evicted_idle, gap (bytes lost).",
+            "Connections or calls reassembly could not fully use: not_http1 (not HTTP), server_side (the process serves HTTPS), evicted_capacity (http.max_connections), evicted_idle, evicted_memory (http.max_buffered_bytes), gap (bytes lost), streams_over_limit.",
             dropped.clone(),
         );
         registry.register("gauge_http_open_connections", "Connections with reassembly state.", open.clone());
+        let buffered = Gauge::default();
+        registry.register(
+            "gauge_http_buffered_bytes",
+            "Bytes all connections hold (buffers, kept bodies, decoder state); kept under http.max_buffered_bytes.",
+            buffered.clone(),
+        );
         let hpack_desyncs = Counter::default();
         registry.register(
             "gauge_http2_hpack_desyncs",
             "HTTP/2 header blocks not decoded because the HPACK table is unknown (attached mid-connection) or corrupt; their streams' bodies are still read.",
             hpack_desyncs.clone(),
         );
-        Self { dropped, hpack_desyncs, open, last: Drops::default() }
+        Self { dropped, hpack_desyncs, open, buffered, last: Drops::default() }
     }
 
-    pub fn update(&mut self, drops: Drops, open: usize) {
+    pub fn update(&mut self, drops: Drops, open: usize, buffered: usize) {
         let last = std::mem::replace(&mut self.last, drops);
         for (reason, now, before) in [
             ("not_http1", drops.not_http1, last.not_http1),
             ("server_side", drops.server_side, last.server_side),
             ("evicted_capacity", drops.evicted_capacity, last.evicted_capacity),
             ("evicted_idle", drops.evicted_idle, last.evicted_idle),
+            ("evicted_memory", drops.evicted_memory, last.evicted_memory),
             ("gap", drops.gaps, last.gaps),
             ("streams_over_limit", drops.streams_over_limit, last.streams_over_limit),
         ] {
@@ -320,6 +328,7 @@ impl ReassemblyMetrics {
             self.hpack_desyncs.inc_by(drops.hpack_desyncs - last.hpack_desyncs);
         }
         self.open.set(open as i64);
+        self.buffered.set(i64::try_from(buffered).unwrap_or(i64::MAX));
     }
 }
 
@@ -366,6 +375,7 @@ mod tests {
             incomplete: false,
             by_shape: false,
             request: Default::default(),
+            exchange: Default::default(),
         }
     }
 

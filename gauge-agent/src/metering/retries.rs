@@ -73,6 +73,7 @@ mod tests {
                 incomplete: false,
                 by_shape: false,
                 request: Default::default(),
+                exchange: Default::default(),
             },
         }
     }

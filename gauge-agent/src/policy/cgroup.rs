@@ -220,20 +220,33 @@ impl CgroupFs {
 
     /// Freezes the cgroup and waits until the kernel says every task stopped.
     pub fn freeze(&self, p: &Placement) -> Result<Frozen, CgroupError> {
+        let frozen = self.to_freeze(p)?;
+        self.freeze_now(&frozen)?;
+        Ok(frozen)
+    }
+
+    /// The cgroup [`freeze`](Self::freeze) would freeze, not touched yet: a caller
+    /// can note it down (the undo file) before acting.
+    pub fn to_freeze(&self, p: &Placement) -> Result<Frozen, CgroupError> {
         let (dir, v2) = self.target(p, "freezer", "cgroup.freeze")?;
-        let frozen = Frozen { dir, v2 };
-        let (file, value) = control(&frozen, true);
+        Ok(Frozen { dir, v2 })
+    }
+
+    /// Freezes a cgroup from [`to_freeze`](Self::to_freeze) and waits until the
+    /// kernel says every task stopped.
+    pub fn freeze_now(&self, frozen: &Frozen) -> Result<(), CgroupError> {
+        let (file, value) = control(frozen, true);
         write(&frozen.dir.join(file), value)?;
         let deadline = Instant::now() + FREEZE_WAIT;
         loop {
-            if is_frozen(&frozen)? {
-                return Ok(frozen);
+            if is_frozen(frozen)? {
+                return Ok(());
             }
             if Instant::now() >= deadline {
                 // A half-frozen cgroup the caller holds no handle to would stay
                 // stuck forever; better to leave it as we found it.
-                let _ = self.thaw(&frozen);
-                return Err(CgroupError::Timeout(frozen.dir));
+                let _ = self.thaw(frozen);
+                return Err(CgroupError::Timeout(frozen.dir.clone()));
             }
             std::thread::sleep(POLL);
         }
@@ -247,6 +260,26 @@ impl CgroupFs {
     /// Caps the cgroup at `cpu_fraction` of one CPU. Out-of-range values are
     /// clamped (NaN to the minimum) since throttling is itself the safe side.
     pub fn throttle(&self, p: &Placement, cpu_fraction: f64) -> Result<Throttled, CgroupError> {
+        let throttled = self.to_throttle(p)?;
+        self.throttle_now(&throttled, cpu_fraction)?;
+        Ok(throttled)
+    }
+
+    /// The cgroup [`throttle`](Self::throttle) would limit, with its limit as it
+    /// is now, not touched yet: a caller can note it down before acting.
+    pub fn to_throttle(&self, p: &Placement) -> Result<Throttled, CgroupError> {
+        let (dir, v2) = self.target(p, "cpu", "cpu.max")?;
+        let previous = if v2 {
+            read(&dir.join("cpu.max"))?.trim().to_string()
+        } else {
+            let (qf, pf) = (dir.join("cpu.cfs_quota_us"), dir.join("cpu.cfs_period_us"));
+            format!("{} {}", read(&qf)?.trim(), read(&pf)?.trim())
+        };
+        Ok(Throttled { dir, v2, previous })
+    }
+
+    /// Limits a cgroup from [`to_throttle`](Self::to_throttle).
+    pub fn throttle_now(&self, t: &Throttled, cpu_fraction: f64) -> Result<(), CgroupError> {
         let fraction = if cpu_fraction.is_nan() {
             0.0
         } else {
@@ -254,21 +287,14 @@ impl CgroupFs {
         };
         // Exact after the clamp: at most PERIOD_US.
         let quota = ((fraction * PERIOD_US as f64) as u64).max(MIN_QUOTA_US);
-        let (dir, v2) = self.target(p, "cpu", "cpu.max")?;
-        if v2 {
-            let file = dir.join("cpu.max");
-            let previous = read(&file)?.trim().to_string();
-            write(&file, &format!("{quota} {PERIOD_US}"))?;
-            return Ok(Throttled { dir, v2, previous });
+        if t.v2 {
+            return write(&t.dir.join("cpu.max"), &format!("{quota} {PERIOD_US}"));
         }
-        let (qf, pf) = (dir.join("cpu.cfs_quota_us"), dir.join("cpu.cfs_period_us"));
-        let previous = format!("{} {}", read(&qf)?.trim(), read(&pf)?.trim());
         // Quota first: from the usual unlimited or larger quota this only lowers
         // the quota/period ratio, which the kernel checks against the parent's
         // limit on every write, so no intermediate state is rejected.
-        write(&qf, &quota.to_string())?;
-        write(&pf, &PERIOD_US.to_string())?;
-        Ok(Throttled { dir, v2, previous })
+        write(&t.dir.join("cpu.cfs_quota_us"), &quota.to_string())?;
+        write(&t.dir.join("cpu.cfs_period_us"), &PERIOD_US.to_string())
     }
 
     /// Puts back exactly what [`throttle`](Self::throttle) found.

@@ -232,24 +232,51 @@ impl Executor {
                     let process = Pidfd::open(pid).ok();
                     self.later.push((now + after, Later::Signal { pid, signal, process }));
                 }
-                Command::Freeze { pid, cooldown } => match self.placement(pid).map(|p| self.cgroups.freeze(&p)) {
+                // The undo is noted down (undo file) before the cgroup is touched:
+                // an agent killed mid-action must still leave the thaw behind.
+                Command::Freeze { pid, cooldown } => match self.placement(pid).map(|p| self.cgroups.to_freeze(&p)) {
                     Some(Ok(frozen)) => {
-                        tracing::warn!(pid, cgroup = %frozen.dir.display(), ?cooldown, "cgroup frozen");
-                        self.later.push((now + cooldown, Later::Thaw(frozen)));
+                        let undo = Later::Thaw(frozen.clone());
+                        self.ahead(now + cooldown, undo);
+                        match self.cgroups.freeze_now(&frozen) {
+                            Ok(()) => tracing::warn!(pid, cgroup = %frozen.dir.display(), ?cooldown, "cgroup frozen"),
+                            Err(e) => {
+                                self.later.retain(|(_, l)| !matches!(l, Later::Thaw(f) if *f == frozen));
+                                self.fail("freeze", &e);
+                            }
+                        }
                     }
                     Some(Err(e)) => self.fail("freeze", &e),
                     None => self.fail("freeze", &format!("pid {pid}: its cgroup is unknown (process gone?)")),
                 },
-                Command::Throttle { pid, share, cooldown } => match self.placement(pid).map(|p| self.cgroups.throttle(&p, share)) {
+                Command::Throttle { pid, share, cooldown } => match self.placement(pid).map(|p| self.cgroups.to_throttle(&p)) {
                     Some(Ok(throttled)) => {
-                        tracing::warn!(pid, cgroup = %throttled.dir.display(), share, ?cooldown, "cgroup CPU throttled");
-                        self.later.push((now + cooldown, Later::Restore(throttled)));
+                        self.ahead(now + cooldown, Later::Restore(throttled.clone()));
+                        match self.cgroups.throttle_now(&throttled, share) {
+                            Ok(()) => tracing::warn!(pid, cgroup = %throttled.dir.display(), share, ?cooldown, "cgroup CPU throttled"),
+                            Err(e) => {
+                                // Nothing or only the quota was written: putting back
+                                // what was there is right either way.
+                                self.later.retain(|(_, l)| !matches!(l, Later::Restore(t) if *t == throttled));
+                                if let Err(undo) = self.cgroups.restore(&throttled) {
+                                    tracing::debug!(%undo, "restoring after a failed throttle");
+                                }
+                                self.fail("throttle", &e);
+                            }
+                        }
                     }
                     Some(Err(e)) => self.fail("throttle", &e),
                     None => self.fail("throttle", &format!("pid {pid}: its cgroup is unknown (process gone?)")),
                 },
             }
         }
+    }
+
+    /// Schedules an undo and writes it to the undo file at once, before the action
+    /// it undoes.
+    fn ahead(&mut self, at: Instant, undo: Later) {
+        self.later.push((at, undo));
+        self.persist();
     }
 
     fn placement(&self, pid: u32) -> Option<super::cgroup::Placement> {

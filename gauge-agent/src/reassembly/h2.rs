@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use super::{Drops, Metered, Origin, Pending};
 use crate::{
     http::{Headers, RequestHead, ResponseHead, h2},
-    llm::{CallTracker, providers},
+    llm::{CallTracker, Exchange, providers},
 };
 
 /// Streams tracked per connection; more are counted and their calls dropped.
@@ -24,6 +24,11 @@ impl H2Connection {
         Self { client: h2::Decoder::new(true, in_sync), server: h2::Decoder::new(false, in_sync), streams: HashMap::new() }
     }
 
+    /// Bytes held for this connection: both decoders and every open stream.
+    pub(super) fn buffered(&self) -> usize {
+        self.client.buffered() + self.server.buffered() + self.streams.values().map(Pending::buffered).sum::<usize>()
+    }
+
     /// Bytes the process wrote (requests). Returns false once the bytes are not HTTP/2.
     pub(super) fn write(&mut self, bytes: &[u8], at: u64, origin: &Origin, drops: &mut Drops, out: &mut Vec<Metered>) -> bool {
         let mut events = Vec::new();
@@ -33,7 +38,11 @@ impl H2Connection {
                 h2::Event::Headers { stream, headers, end_stream } => {
                     let head = request_head(headers);
                     let pending = match providers::recognize(&head) {
-                        Some(recognized) => Pending::Llm(Box::new(CallTracker::new(recognized, &head, at))),
+                        Some(recognized) => {
+                            let mut call = CallTracker::new(recognized, &head, at);
+                            call.set_exchange(Exchange::Http2 { stream });
+                            Pending::Llm(Box::new(call))
+                        }
                         None => Pending::Other,
                     };
                     if self.streams.len() >= MAX_STREAMS && !self.streams.contains_key(&stream) {
@@ -117,7 +126,9 @@ impl H2Connection {
                     .ok()
                     .and_then(|json| providers::recognize_body(&json));
                 if let Some(recognized) = recognized {
-                    *pending = Pending::Llm(Box::new(CallTracker::from_body(recognized, &body, start)));
+                    let mut call = CallTracker::from_body(recognized, &body, start);
+                    call.set_exchange(Exchange::Http2 { stream });
+                    *pending = Pending::Llm(Box::new(call));
                 }
             }
             _ => {}

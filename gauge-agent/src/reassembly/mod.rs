@@ -2,8 +2,10 @@
 //! and, for LLM API calls, into [`LlmCall`]s.
 //!
 //! Synchronous and clock-free: time comes from the events. Memory is bounded by the
-//! number of connections (least recently active evicted first), an idle timeout, and
-//! the caps of the HTTP and LLM stages; everything dropped is counted in [`Drops`].
+//! number of connections (least recently active evicted first), an idle timeout, the
+//! caps of the HTTP and LLM stages, and one budget for the bytes all connections
+//! hold together (the largest holders evicted first); everything dropped is counted
+//! in [`Drops`].
 
 mod h2;
 
@@ -11,11 +13,19 @@ use std::collections::{HashMap, VecDeque};
 
 use crate::{
     http::h1::{self, Side},
-    llm::{CallTracker, LlmCall, providers},
+    llm::{CallTracker, Exchange, LlmCall, providers},
     source::{CaptureEvent, Direction, Payload},
 };
 
 const METHODS: [&[u8]; 8] = [b"GET", b"POST", b"PUT", b"DELETE", b"PATCH", b"HEAD", b"OPTIONS", b"PRI"];
+/// Times an HTTP/1 connection first seen mid-message may start afresh at the next
+/// write or read call before it is given up on (see `Connection::resyncs`).
+const MAX_RESYNCS: u8 = 4;
+
+/// Bytes that begin with an HTTP/1 method (or the HTTP/2 preface's `PRI`).
+fn begins_request(bytes: &[u8]) -> bool {
+    bytes.split(|&b| b == b' ').next().is_some_and(|m| METHODS.contains(&m))
+}
 
 enum Detected {
     Http2 { in_sync: bool },
@@ -43,11 +53,15 @@ pub struct Limits {
     pub max_connections: usize,
     /// Connections silent this long are dropped (their open calls end incomplete).
     pub idle_timeout_ns: u64,
+    /// Bytes all connections may hold together (buffers, kept bodies, decoder
+    /// state). Past it the connections holding the most are evicted until a quarter
+    /// of the budget is free again.
+    pub max_buffered_bytes: usize,
 }
 
 impl Default for Limits {
     fn default() -> Self {
-        Self { max_connections: 16384, idle_timeout_ns: 300 * 1_000_000_000 }
+        Self { max_connections: 16384, idle_timeout_ns: 300 * 1_000_000_000, max_buffered_bytes: 256 << 20 }
     }
 }
 
@@ -63,9 +77,10 @@ pub struct Drops {
     pub hpack_desyncs: u64,
     /// HTTP/2 streams beyond the per-connection limit.
     pub streams_over_limit: u64,
-    /// Connections evicted for room or idleness.
+    /// Connections evicted for room, idleness, or the memory budget.
     pub evicted_capacity: u64,
     pub evicted_idle: u64,
+    pub evicted_memory: u64,
     /// Calls whose bytes were partly lost (cut by the per-call cap or a fault).
     pub gaps: u64,
 }
@@ -114,6 +129,23 @@ struct Connection {
     ignored: bool,
     /// Which protocol, decided by the first bytes the process writes.
     protocol: Protocol,
+    /// What this connection added to the reassembler's buffered total, as of its
+    /// last event.
+    accounted: usize,
+    /// HTTP/1 requests seen on it, for the calls' identities.
+    requests_seen: u32,
+    /// Times its HTTP/1 decoding started afresh, before any request was seen.
+    resyncs: u8,
+}
+
+impl Pending {
+    fn buffered(&self) -> usize {
+        match self {
+            Self::Llm(call) => call.buffered(),
+            Self::Unknown { body, .. } => body.capacity(),
+            Self::Other => 0,
+        }
+    }
 }
 
 enum Protocol {
@@ -136,7 +168,20 @@ impl Connection {
             gap: false,
             ignored: false,
             protocol: Protocol::Unknown,
+            accounted: 0,
+            requests_seen: 0,
+            resyncs: 0,
         }
+    }
+
+    /// Bytes this connection holds now.
+    fn buffered(&self) -> usize {
+        let calls: usize = self.current.iter().chain(&self.waiting).map(Pending::buffered).sum();
+        let protocol = match &self.protocol {
+            Protocol::Http2(h2) => h2.buffered(),
+            Protocol::Unknown | Protocol::Http1 => 0,
+        };
+        self.requests.buffered() + self.responses.buffered() + calls + protocol
     }
 
     fn request_events(&mut self, events: Vec<h1::Event>, at: u64) {
@@ -144,8 +189,13 @@ impl Connection {
             match event {
                 h1::Event::Request(head) => {
                     self.responses.expect_head_response(head.method == "HEAD");
+                    self.requests_seen = self.requests_seen.saturating_add(1);
                     let pending = match providers::recognize(&head) {
-                        Some(recognized) => Pending::Llm(Box::new(CallTracker::new(recognized, &head, at))),
+                        Some(recognized) => {
+                            let mut call = CallTracker::new(recognized, &head, at);
+                            call.set_exchange(Exchange::Http1 { request: self.requests_seen });
+                            Pending::Llm(Box::new(call))
+                        }
                         None => Pending::Other,
                     };
                     if let Some(previous) = self.current.replace(pending) {
@@ -228,6 +278,8 @@ pub struct Reassembler {
     connections: HashMap<(u32, u64), Connection>,
     drops: Drops,
     last_sweep_ns: u64,
+    /// Sum of every connection's `accounted` bytes.
+    buffered: usize,
 }
 
 impl Reassembler {
@@ -243,85 +295,168 @@ impl Reassembler {
         self.connections.len()
     }
 
+    /// Bytes all connections hold (see [`Limits::max_buffered_bytes`]).
+    pub fn buffered_bytes(&self) -> usize {
+        self.buffered
+    }
+
     /// Feeds one captured event; finished calls are appended to `out`.
     pub fn feed(&mut self, event: &CaptureEvent, out: &mut Vec<Metered>) {
         let now = event.timestamp_ns;
         self.sweep(now, out);
         match &event.payload {
-            Payload::Data { direction, connection, call_len, offset, bytes } => {
+            Payload::Data { connection, .. } => {
                 let key = (event.tgid, *connection);
-                if !self.connections.contains_key(&key) {
-                    self.make_room(now, out);
-                    let origin = Origin { tgid: event.tgid, comm: event.comm.clone(), cgroup_id: event.cgroup_id, connection: *connection };
-                    self.connections.insert(key, Connection::new(origin, now));
-                }
-                let Some(conn) = self.connections.get_mut(&key) else { return };
-                conn.last_seen_ns = now;
-                // Chunks of one call arrive together and in order; a call whose chunks
-                // fall short of its length (cap, fault, lost record) leaves a gap.
-                let left = match direction {
-                    Direction::Write => &mut conn.write_left,
-                    Direction::Read => &mut conn.read_left,
-                };
-                if *offset == 0 {
-                    if *left > 0 && !conn.gap {
-                        conn.gap = true;
-                        self.drops.gaps += 1;
-                    }
-                    *left = u64::from(*call_len);
-                }
-                *left = left.saturating_sub(bytes.len() as u64);
-                let mut events = Vec::new();
-                let (decoder, side) = match direction {
-                    Direction::Write => (&mut conn.requests, Side::Request),
-                    Direction::Read => (&mut conn.responses, Side::Response),
-                };
-                if conn.ignored {
-                    return;
-                }
-                if matches!(conn.protocol, Protocol::Unknown) {
-                    conn.protocol = match (side, detect(bytes)) {
-                        (Side::Request, Detected::Http2 { in_sync }) => Protocol::Http2(Box::new(h2::H2Connection::new(in_sync))),
-                        _ => Protocol::Http1,
-                    };
-                }
-                if let Protocol::Http2(h2) = &mut conn.protocol {
-                    let ok = match side {
-                        Side::Request => h2.write(bytes, now, &conn.origin, &mut self.drops, out),
-                        Side::Response => h2.read(bytes, now, &conn.origin, &mut self.drops, out),
-                    };
-                    if !ok {
-                        conn.ignored = true;
-                        self.drops.not_http1 += 1;
-                    }
-                    return;
-                }
-                if decoder.feed(bytes, &mut events).is_err() {
-                    conn.ignored = true;
-                    let serving = match side {
-                        Side::Request => bytes.starts_with(b"HTTP/"),
-                        Side::Response => bytes.split(|&b| b == b' ').next().is_some_and(|m| METHODS.contains(&m)),
-                    };
-                    if serving {
-                        self.drops.server_side += 1;
-                    } else {
-                        self.drops.not_http1 += 1;
-                    }
-                    return;
-                }
-                match side {
-                    Side::Request => conn.request_events(events, now),
-                    Side::Response => conn.response_events(events, now, out),
-                }
+                self.feed_data(event, key, out);
+                self.account(key, now, out);
             }
             Payload::Close { connection } => {
-                if let Some(conn) = self.connections.remove(&(event.tgid, *connection)) {
+                if let Some(conn) = self.remove(&(event.tgid, *connection)) {
                     conn.close(now, out);
                 }
             }
             // Enforcement records: the policy stage's, not a connection's bytes.
             Payload::Exec | Payload::Held { .. } | Payload::Stopped { .. } => {}
         }
+    }
+
+    /// One captured chunk of a connection's bytes.
+    fn feed_data(&mut self, event: &CaptureEvent, key: (u32, u64), out: &mut Vec<Metered>) {
+        let Payload::Data { direction, connection, call_len, offset, bytes } = &event.payload else { return };
+        let now = event.timestamp_ns;
+        if !self.connections.contains_key(&key) {
+            self.make_room(now, out);
+            let origin = Origin { tgid: event.tgid, comm: event.comm.clone(), cgroup_id: event.cgroup_id, connection: *connection };
+            self.connections.insert(key, Connection::new(origin, now));
+        }
+        let Some(conn) = self.connections.get_mut(&key) else { return };
+        conn.last_seen_ns = now;
+        // Chunks of one call arrive together and in order; a call whose chunks
+        // fall short of its length (cap, fault, lost record) leaves a gap.
+        let left = match direction {
+            Direction::Write => &mut conn.write_left,
+            Direction::Read => &mut conn.read_left,
+        };
+        if *offset == 0 {
+            if *left > 0 && !conn.gap {
+                conn.gap = true;
+                self.drops.gaps += 1;
+            }
+            *left = u64::from(*call_len);
+        }
+        *left = left.saturating_sub(bytes.len() as u64);
+        let mut events = Vec::new();
+        let (decoder, side) = match direction {
+            Direction::Write => (&mut conn.requests, Side::Request),
+            Direction::Read => (&mut conn.responses, Side::Response),
+        };
+        if conn.ignored {
+            return;
+        }
+        if matches!(conn.protocol, Protocol::Unknown) {
+            // Reads before any write are the rest of a response to a request sent
+            // before the agent attached (it restarted mid-call): only a request, sent
+            // by the process or read by a server, tells what the connection speaks.
+            if matches!(side, Side::Response) && !begins_request(bytes) {
+                return;
+            }
+            conn.protocol = match (side, detect(bytes)) {
+                (Side::Request, Detected::Http2 { in_sync }) => Protocol::Http2(Box::new(h2::H2Connection::new(in_sync))),
+                _ => Protocol::Http1,
+            };
+        }
+        if let Protocol::Http2(h2) = &mut conn.protocol {
+            let ok = match side {
+                Side::Request => h2.write(bytes, now, &conn.origin, &mut self.drops, out),
+                Side::Response => h2.read(bytes, now, &conn.origin, &mut self.drops, out),
+            };
+            if !ok {
+                conn.ignored = true;
+                self.drops.not_http1 += 1;
+            }
+            return;
+        }
+        // Until the first request, a write call that begins like one starts afresh:
+        // the rest of a message from before the attach may sit in the decoder.
+        if conn.requests_seen == 0 && *offset == 0 && matches!(side, Side::Request) && begins_request(bytes) {
+            *decoder = h1::Decoder::new(Side::Request);
+        }
+        if decoder.feed(bytes, &mut events).is_err() {
+            let serving = match side {
+                Side::Request => bytes.starts_with(b"HTTP/"),
+                Side::Response => bytes.split(|&b| b == b' ').next().is_some_and(|m| METHODS.contains(&m)),
+            };
+            if serving {
+                conn.ignored = true;
+                self.drops.server_side += 1;
+                return;
+            }
+            if conn.resyncs == 0 {
+                self.drops.not_http1 += 1;
+            }
+            // Seen from its middle (the agent started mid-call), a connection begins
+            // with the rest of a message: until it shows a request, each side starts
+            // afresh at its next call, a few times, rather than going blind for good.
+            if conn.requests_seen == 0 && conn.resyncs < MAX_RESYNCS {
+                conn.resyncs += 1;
+                *decoder = h1::Decoder::new(side);
+            } else {
+                conn.ignored = true;
+            }
+            return;
+        }
+        match side {
+            Side::Request => conn.request_events(events, now),
+            Side::Response => conn.response_events(events, now, out),
+        }
+    }
+
+    /// Brings the buffered total up to date after an event on `key`, and evicts
+    /// the largest holders when it is over the budget.
+    fn account(&mut self, key: (u32, u64), now: u64, out: &mut Vec<Metered>) {
+        let Some(conn) = self.connections.get_mut(&key) else { return };
+        let held = conn.buffered();
+        self.buffered = self.buffered.saturating_sub(conn.accounted) + held;
+        conn.accounted = held;
+        let budget = self.limits.max_buffered_bytes;
+        if self.buffered <= budget {
+            return;
+        }
+        // Evicting down to three quarters, not just under the line, so a flood does
+        // not make every event pay for a scan. The process holding the most loses
+        // its largest connections first: one that opens many medium connections
+        // must not get another process's large call evicted.
+        let target = budget - budget / 4;
+        while self.buffered > target {
+            let mut per_process: HashMap<u32, usize> = HashMap::new();
+            for (&(tgid, _), conn) in &self.connections {
+                *per_process.entry(tgid).or_default() += conn.accounted;
+            }
+            let Some((&heaviest, _)) = per_process.iter().max_by_key(|&(_, held)| *held) else { break };
+            let mut own: Vec<((u32, u64), usize)> =
+                self.connections.iter().filter(|(k, _)| k.0 == heaviest).map(|(k, c)| (*k, c.accounted)).collect();
+            own.sort_unstable_by_key(|&(_, held)| std::cmp::Reverse(held));
+            let before = self.buffered;
+            for (key, _) in own {
+                if self.buffered <= target {
+                    break;
+                }
+                if let Some(conn) = self.remove(&key) {
+                    self.drops.evicted_memory += 1;
+                    conn.close(now, out);
+                }
+            }
+            if self.buffered == before {
+                break;
+            }
+        }
+    }
+
+    /// Removes a connection and its bytes from the total.
+    fn remove(&mut self, key: &(u32, u64)) -> Option<Connection> {
+        let conn = self.connections.remove(key)?;
+        self.buffered = self.buffered.saturating_sub(conn.accounted);
+        Some(conn)
     }
 
     /// Evicts connections idle past the timeout, at most once a second of event time.
@@ -338,7 +473,7 @@ impl Reassembler {
             .map(|(k, _)| *k)
             .collect();
         for key in idle {
-            if let Some(conn) = self.connections.remove(&key) {
+            if let Some(conn) = self.remove(&key) {
                 self.drops.evicted_idle += 1;
                 conn.close(now, out);
             }
@@ -350,7 +485,7 @@ impl Reassembler {
             return;
         }
         let oldest = self.connections.iter().min_by_key(|(_, c)| c.last_seen_ns).map(|(k, _)| *k);
-        if let Some(conn) = oldest.and_then(|key| self.connections.remove(&key)) {
+        if let Some(conn) = oldest.and_then(|key| self.remove(&key)) {
             self.drops.evicted_capacity += 1;
             conn.close(now, out);
         }
@@ -359,3 +494,5 @@ impl Reassembler {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod late_attach_tests;

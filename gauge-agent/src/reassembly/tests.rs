@@ -202,7 +202,7 @@ fn connections_are_bounded_by_count_and_idleness() {
     for conn in 0..10 {
         cap.data(conn, Direction::Write, &req, 4096);
     }
-    let (calls, r) = cap.replay(Limits { max_connections: 4, idle_timeout_ns: u64::MAX });
+    let (calls, r) = cap.replay(Limits { max_connections: 4, idle_timeout_ns: u64::MAX, ..Limits::default() });
     assert_eq!(r.open_connections(), 4);
     assert_eq!(r.drops().evicted_capacity, 6);
     assert_eq!(calls.len(), 6, "evicted calls end as incomplete, never vanish");
@@ -242,11 +242,12 @@ fn gzip_and_brotli_responses_are_decoded_before_reading_usage() {
     }
 }
 
-mod http2 {
+pub(super) mod http2 {
     use super::*;
     use crate::http::h2::PREFACE;
 
-    fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    /// One HTTP/2 frame.
+    pub(in crate::reassembly) fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
         let len = payload.len();
         let mut f = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
         f.extend_from_slice(&stream.to_be_bytes());
@@ -333,4 +334,77 @@ mod http2 {
         assert_eq!(c.usage, Some(Usage { input: 7, cache_read: 3, cache_write: 0, output: 12, reasoning: 0 }));
         assert_eq!(c.usage_source, crate::llm::UsageSource::Reported);
     }
+}
+
+#[test]
+fn what_all_connections_hold_together_stays_within_the_budget() {
+    // Ten connections each send 3 MiB of an LLM request body that never ends: 30 MiB
+    // kept without the budget, each under the per-call cap.
+    let head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: api.openai.com\r\nContent-Length: 100000000\r\n\r\n";
+    let body = vec![b'x'; 3 << 20];
+    let mut cap = Capture::new();
+    for conn in 0..10 {
+        cap.data(conn, Direction::Write, head, 4096).data(conn, Direction::Write, &body, 16384);
+    }
+    // A normal call afterwards on a connection of its own.
+    let req = request("/v1/chat/completions", "api.openai.com", r#"{"model":"gpt-4o-mini","messages":[]}"#, "");
+    cap.data(99, Direction::Write, &req, 4096).data(99, Direction::Read, &json_response(200, CHAT_BODY), 4096);
+    let budget = 8 << 20;
+    let mut r = Reassembler::new(Limits { max_buffered_bytes: budget, ..Limits::default() });
+    let mut out = Vec::new();
+    let mut peak = 0;
+    for e in &cap.events {
+        r.feed(e, &mut out);
+        peak = peak.max(r.buffered_bytes());
+    }
+    assert!(peak <= budget, "held {peak} bytes, budget {budget}");
+    assert!(r.drops().evicted_memory >= 6, "{:?}", r.drops());
+    let evicted: Vec<_> = out.iter().filter(|m| m.origin.connection != 99).collect();
+    assert_eq!(evicted.len() as u64, r.drops().evicted_memory, "evicted calls end as incomplete, never vanish");
+    assert!(evicted.iter().all(|m| m.call.incomplete));
+    let normal = out.iter().find(|m| m.origin.connection == 99).expect("the normal call is metered");
+    assert!(!normal.call.incomplete);
+    assert_eq!(normal.call.usage.map(|u| u.output), Some(9));
+    // Closing everything gives every byte back.
+    for conn in (0..10).chain([99]) {
+        cap.close(conn);
+    }
+    let (_, r) = cap.replay(Limits { max_buffered_bytes: budget, ..Limits::default() });
+    assert_eq!(r.buffered_bytes(), 0);
+}
+
+#[test]
+fn the_process_holding_the_most_is_evicted_first() {
+    // Process 42 has one large call in progress; process 43 then opens many
+    // medium connections. The budget is crossed by 43, and 43 pays.
+    let head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: api.openai.com\r\nContent-Length: 100000000\r\n\r\n";
+    let mut cap = Capture::new();
+    cap.data(1, Direction::Write, head, 4096).data(1, Direction::Write, &vec![b'x'; 3 << 20], 16384);
+    let hostile_from = cap.events.len();
+    for conn in 100..112 {
+        cap.data(conn, Direction::Write, head, 4096).data(conn, Direction::Write, &vec![b'y'; 600 << 10], 16384);
+    }
+    for event in &mut cap.events[hostile_from..] {
+        event.tgid = 43;
+    }
+    let (out, r) = cap.replay(Limits { max_buffered_bytes: 8 << 20, ..Limits::default() });
+    assert!(r.drops().evicted_memory >= 1, "{:?}", r.drops());
+    assert!(out.iter().all(|m| m.origin.tgid == 43), "only the flooding process loses calls: {:?}", out.iter().map(|m| m.origin.tgid).collect::<Vec<_>>());
+    assert!(r.buffered_bytes() <= 8 << 20);
+}
+
+#[test]
+fn an_endless_chunked_body_holds_no_more_than_the_per_call_cap() {
+    let head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: api.openai.com\r\nTransfer-Encoding: chunked\r\n\r\n";
+    let mut chunk = b"4000\r\n".to_vec();
+    chunk.extend(vec![b'y'; 16384]);
+    chunk.extend(b"\r\n");
+    let mut cap = Capture::new();
+    cap.data(1, Direction::Write, head, 4096);
+    for _ in 0..1024 {
+        cap.data(1, Direction::Write, &chunk, 16384);
+    }
+    let (_, r) = cap.replay(Limits::default());
+    let held = r.buffered_bytes();
+    assert!(held <= crate::llm::call::MAX_REQUEST_BODY, "16 MiB of body holds {held} bytes");
 }

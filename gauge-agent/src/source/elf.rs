@@ -66,6 +66,21 @@ pub fn inspect_bytes(data: &[u8]) -> Result<TlsSymbols, String> {
     Ok(found)
 }
 
+/// The file offset of function `name` defined in the file at `path` (either symbol
+/// table), for a uprobe on it; `None` when the file does not define it (stripped).
+pub fn function_offset(path: &Path, name: &str) -> Result<Option<u64>, ElfError> {
+    let display = path.display().to_string();
+    let file = File::open(path).map_err(|source| ElfError::Open { path: display.clone(), source })?;
+    // SAFETY: as in `inspect`.
+    let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|source| ElfError::Open { path: display.clone(), source })?;
+    let elf = object::File::parse(&*map).map_err(|e| ElfError::Parse { path: display, reason: e.to_string() })?;
+    let symbol = elf
+        .dynamic_symbols()
+        .chain(elf.symbols())
+        .find(|s| s.is_definition() && s.kind() == object::SymbolKind::Text && s.name() == Ok(name));
+    Ok(symbol.and_then(|s| file_offset(&elf, s.address())))
+}
+
 /// Uprobes take file offsets: translate a virtual address through its load segment.
 fn file_offset(elf: &object::File<'_>, address: u64) -> Option<u64> {
     elf.segments().find_map(|segment| {

@@ -1,16 +1,19 @@
 //! The one module that touches aya: loads the embedded eBPF object, attaches its
 //! probes to files, and hands out the ring buffer and the kernel-side counters.
 
-use std::path::Path;
+use std::{num::NonZeroU32, path::Path};
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, MapData, PerCpuArray, RingBuf},
-    programs::{RawTracePoint, UProbe, uprobe::UProbeScope},
+    maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
+    programs::{
+        RawTracePoint, UProbe,
+        uprobe::{UProbeLinkId, UProbeScope},
+    },
 };
 use gauge_common::{
     enforce::{ConnectionKey, Enforcement},
-    maps::{ENFORCE, EVENTS, GLOBAL_MAX_CALL_BYTES, LLM_CONNECTIONS, STATS, programs as prog},
+    maps::{CANARY_HITS, ENFORCE, EVENTS, GLOBAL_MAX_CALL_BYTES, GLOBAL_WRITE_AT_ENTRY, LLM_CONNECTIONS, STATS, programs as prog},
     tls::{self, stat},
 };
 
@@ -19,15 +22,27 @@ use super::elf::TlsSymbols;
 /// The eBPF object built by `build.rs`; empty when built with `GAUGE_EBPF_STUB=1`.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/gauge-ebpf"));
 
-/// (symbol, entry program, return program) for every hooked function.
-const HOOKS: [(&str, &str, Option<&str>); 6] = [
-    ("SSL_write", prog::SSL_WRITE_ENTRY, Some(prog::SSL_WRITE_RETURN)),
-    ("SSL_write_ex", prog::SSL_WRITE_EX_ENTRY, Some(prog::SSL_WRITE_EX_RETURN)),
-    ("SSL_read", prog::SSL_READ_ENTRY, Some(prog::SSL_READ_RETURN)),
-    ("SSL_read_ex", prog::SSL_READ_EX_ENTRY, Some(prog::SSL_READ_EX_RETURN)),
-    ("SSL_shutdown", prog::SSL_SHUTDOWN_ENTRY, None),
-    ("SSL_free", prog::SSL_FREE_ENTRY, None),
+/// (symbol, entry program, return program, whether the entry program is of use
+/// without the return one) for every hooked function. A read's entry only saves
+/// the buffer for its return; a write's entry emits the bytes itself when return
+/// probes are off.
+const HOOKS: [(&str, &str, Option<&str>, bool); 6] = [
+    ("SSL_write", prog::SSL_WRITE_ENTRY, Some(prog::SSL_WRITE_RETURN), true),
+    ("SSL_write_ex", prog::SSL_WRITE_EX_ENTRY, Some(prog::SSL_WRITE_EX_RETURN), true),
+    ("SSL_read", prog::SSL_READ_ENTRY, Some(prog::SSL_READ_RETURN), false),
+    ("SSL_read_ex", prog::SSL_READ_EX_ENTRY, Some(prog::SSL_READ_EX_RETURN), false),
+    ("SSL_shutdown", prog::SSL_SHUTDOWN_ENTRY, None, true),
+    ("SSL_free", prog::SSL_FREE_ENTRY, None, true),
 ];
+
+/// The programs of one hook that are loaded and attached.
+fn hook_programs(
+    (_, entry, ret, alone): (&'static str, &'static str, Option<&'static str>, bool),
+    return_probes: bool,
+) -> impl Iterator<Item = &'static str> {
+    let entry = (return_probes || alone).then_some(entry);
+    entry.into_iter().chain(ret.filter(|_| return_probes))
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum KernelError {
@@ -48,6 +63,8 @@ pub enum KernelError {
     Thread(std::io::Error),
     #[error("capture.ring_buffer_bytes = {0} must be a power of two and at least 4096")]
     RingSize(u32),
+    #[error("the uretprobe canary needs a process id, got 0")]
+    CanaryPid,
 }
 
 /// Settings the eBPF object is loaded with.
@@ -55,11 +72,15 @@ pub enum KernelError {
 pub struct LoadOptions {
     pub ring_buffer_bytes: u32,
     pub max_call_bytes: u32,
+    /// Whether uretprobes are attached; without them writes are emitted at entry
+    /// and reads are not captured (see `source::hazards`).
+    pub return_probes: bool,
 }
 
 /// The loaded object with its programs loaded and the exec tracepoint attached.
 pub struct KernelCapture {
     ebpf: Ebpf,
+    return_probes: bool,
 }
 
 impl KernelCapture {
@@ -72,12 +93,14 @@ impl KernelCapture {
             return Err(KernelError::RingSize(ring));
         }
         let max_call = options.max_call_bytes.min(tls::MAX_CALL_BYTES);
+        let write_at_entry = u32::from(!options.return_probes);
         let mut ebpf = EbpfLoader::new()
             .map_max_entries(EVENTS, ring)
             .override_global(GLOBAL_MAX_CALL_BYTES, &max_call, true)
+            .override_global(GLOBAL_WRITE_AT_ENTRY, &write_at_entry, true)
             .load(EBPF_OBJECT)?;
-        for (_, entry, ret) in HOOKS {
-            for name in std::iter::once(entry).chain(ret) {
+        for hook in HOOKS {
+            for name in hook_programs(hook, options.return_probes) {
                 uprobe(&mut ebpf, name)?.load().map_err(|source| KernelError::Program { name, source })?;
             }
         }
@@ -85,7 +108,7 @@ impl KernelCapture {
         let exec: &mut RawTracePoint = program(&mut ebpf, name)?;
         exec.load().map_err(|source| KernelError::Program { name, source })?;
         exec.attach("sched_process_exec").map_err(|source| KernelError::Program { name, source })?;
-        Ok(Self { ebpf })
+        Ok(Self { ebpf, return_probes: options.return_probes })
     }
 
     /// Attaches every hook whose symbol `symbols` has to the file at `path`, for all
@@ -94,9 +117,10 @@ impl KernelCapture {
     pub fn attach(&mut self, path: &Path, symbols: &TlsSymbols) -> (usize, Option<String>) {
         let mut attached = 0;
         let mut first_error = None;
-        for (symbol, entry, ret) in HOOKS {
+        for hook in HOOKS {
+            let symbol = hook.0;
             let Some(&offset) = symbols.offsets.get(symbol) else { continue };
-            for name in std::iter::once(entry).chain(ret) {
+            for name in hook_programs(hook, self.return_probes) {
                 let result = uprobe(&mut self.ebpf, name).and_then(|p| {
                     p.attach(offset, path, UProbeScope::AllProcesses)
                         .map_err(|source| KernelError::Program { name, source })
@@ -134,6 +158,54 @@ impl KernelCapture {
         let map = self.ebpf.take_map(LLM_CONNECTIONS).ok_or(KernelError::Missing(LLM_CONNECTIONS))?;
         let connections = HashMap::try_from(map).map_err(|source| KernelError::Map { name: LLM_CONNECTIONS, source })?;
         Ok(EnforcementMaps { enforce, connections })
+    }
+}
+
+/// A second, small copy of the eBPF object for the start-up canary, with only its
+/// return probe (which counts its hits) loaded: the real object's `WRITE_AT_ENTRY`
+/// is fixed at load, so it can only be loaded once the canary has answered.
+pub struct CanaryProbe {
+    ebpf: Ebpf,
+    link: Option<UProbeLinkId>,
+}
+
+impl CanaryProbe {
+    pub fn load() -> Result<Self, KernelError> {
+        if EBPF_OBJECT.is_empty() {
+            return Err(KernelError::StubObject);
+        }
+        // The smallest ring: this copy never carries a record.
+        let mut ebpf = EbpfLoader::new().map_max_entries(EVENTS, 4096).load(EBPF_OBJECT)?;
+        let name = prog::CANARY_RETURN;
+        uprobe(&mut ebpf, name)?.load().map_err(|source| KernelError::Program { name, source })?;
+        Ok(Self { ebpf, link: None })
+    }
+
+    /// Attaches the return probe to the function at `offset` in `path`, for process
+    /// `pid` only: the agent maps the same file and must not be probed itself.
+    pub fn attach(&mut self, path: &Path, offset: u64, pid: u32) -> Result<(), KernelError> {
+        let pid = NonZeroU32::new(pid).ok_or(KernelError::CanaryPid)?;
+        let name = prog::CANARY_RETURN;
+        let program = uprobe(&mut self.ebpf, name)?;
+        let link = program
+            .attach(offset, path, UProbeScope::OneProcess(pid))
+            .map_err(|source| KernelError::Program { name, source })?;
+        self.link = Some(link);
+        Ok(())
+    }
+
+    /// How often the return probe fired.
+    pub fn hits(&self) -> Result<u64, KernelError> {
+        let map = self.ebpf.map(CANARY_HITS).ok_or(KernelError::Missing(CANARY_HITS))?;
+        let array = Array::<_, u64>::try_from(map).map_err(|source| KernelError::Map { name: CANARY_HITS, source })?;
+        array.get(&0, 0).map_err(|source| KernelError::Map { name: CANARY_HITS, source })
+    }
+
+    /// Detaches the return probe (dropping the object would too, later).
+    pub fn detach(&mut self) -> Result<(), KernelError> {
+        let Some(link) = self.link.take() else { return Ok(()) };
+        let name = prog::CANARY_RETURN;
+        uprobe(&mut self.ebpf, name)?.detach(link).map_err(|source| KernelError::Program { name, source })
     }
 }
 
@@ -193,6 +265,9 @@ pub struct KernelStats {
     pub bytes_truncated: u64,
     pub read_faults: u64,
     pub missing_entry: u64,
+    /// Refused for taking more than a process's share of a filling ring.
+    pub events_throttled: u64,
+    pub bytes_throttled: u64,
 }
 
 pub struct KernelStatsReader {
@@ -212,6 +287,8 @@ impl KernelStatsReader {
             bytes_truncated: total(stat::BYTES_TRUNCATED),
             read_faults: total(stat::READ_FAULTS),
             missing_entry: total(stat::MISSING_ENTRY),
+            events_throttled: total(stat::EVENTS_THROTTLED),
+            bytes_throttled: total(stat::BYTES_THROTTLED),
         }
     }
 }
@@ -225,6 +302,26 @@ pub fn raise_memlock_rlimit() {
         tracing::warn!(
             error = %std::io::Error::last_os_error(),
             "could not raise RLIMIT_MEMLOCK; fine on kernels >= 5.11, which account BPF memory to the cgroup"
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn programs(return_probes: bool) -> Vec<&'static str> {
+        HOOKS.into_iter().flat_map(|hook| hook_programs(hook, return_probes)).collect()
+    }
+
+    #[test]
+    fn without_return_probes_only_entries_that_work_alone_are_attached() {
+        assert_eq!(programs(true).len(), 10);
+        let entries = programs(false);
+        assert_eq!(
+            entries,
+            [prog::SSL_WRITE_ENTRY, prog::SSL_WRITE_EX_ENTRY, prog::SSL_SHUTDOWN_ENTRY, prog::SSL_FREE_ENTRY],
+            "no uretprobe, and no read entry whose saved buffer no return would use"
         );
     }
 }

@@ -21,13 +21,14 @@ use std::{
 use aya::maps::{MapData, RingBuf};
 use tokio::{
     io::unix::AsyncFd,
-    sync::{mpsc, watch},
+    sync::{Semaphore, mpsc, watch},
 };
 
 use super::{
     CaptureEvent, Payload,
     discovery::{self, Candidate, Offer, Planner, Target},
     elf,
+    hazards::{self, ReturnProbeState, ReturnProbes},
     kernel::{EnforcementMaps, KernelCapture, KernelError, KernelStats, KernelStatsReader, LoadOptions, raise_memlock_rlimit},
 };
 
@@ -37,7 +38,11 @@ pub struct CaptureOptions {
     pub load: LoadOptions,
     /// Events buffered between the ring-buffer reader and the pipeline.
     pub queue_events: usize,
+    /// The most bytes those events may hold together.
+    pub queue_bytes: usize,
     pub extra_targets: Vec<PathBuf>,
+    /// `capture.return_probes`; `load.return_probes` is settled from it at start.
+    pub return_probes: ReturnProbes,
 }
 
 /// Counters kept in user space; the kernel's own are read through [`KernelStatsReader`].
@@ -50,7 +55,6 @@ pub struct CaptureCounters {
     pub bytes_written: AtomicU64,
     pub bytes_read: AtomicU64,
     pub decode_errors: AtomicU64,
-    pub queue_full: AtomicU64,
     pub exec_queue_full: AtomicU64,
     /// Enforcement records: LLM requests held at entry, and blocked ones.
     pub held: AtomicU64,
@@ -63,11 +67,22 @@ pub struct CaptureState {
     pub counters: CaptureCounters,
     pub targets: watch::Sender<Vec<Target>>,
     kernel: OnceLock<Mutex<KernelStatsReader>>,
+    return_probes: OnceLock<ReturnProbeState>,
 }
 
 impl CaptureState {
     pub fn new() -> Arc<Self> {
-        Arc::new(Self { counters: CaptureCounters::default(), targets: watch::Sender::new(Vec::new()), kernel: OnceLock::new() })
+        Arc::new(Self {
+            counters: CaptureCounters::default(),
+            targets: watch::Sender::new(Vec::new()),
+            kernel: OnceLock::new(),
+            return_probes: OnceLock::new(),
+        })
+    }
+
+    /// Whether return probes are attached, and why; None before the capture starts.
+    pub fn return_probes(&self) -> Option<&ReturnProbeState> {
+        self.return_probes.get()
     }
 
     /// The kernel-side counters, zero before the capture has started.
@@ -89,7 +104,15 @@ const RESCAN_AFTER: [Duration; 3] = [Duration::from_millis(100), Duration::from_
 /// attach pass is done. Must be called inside a tokio runtime.
 pub fn start(options: CaptureOptions, state: Arc<CaptureState>) -> Result<Capture, KernelError> {
     raise_memlock_rlimit();
-    let mut kernel = KernelCapture::load(options.load)?;
+    let decision = hazards::decide(
+        options.return_probes,
+        || hazards::run_canary(hazards::CANARY_TIMEOUT),
+        hazards::KernelInfo::current(),
+    );
+    decision.log();
+    let load = LoadOptions { return_probes: decision.on, ..options.load };
+    let _ = state.return_probes.set(decision);
+    let mut kernel = KernelCapture::load(load)?;
     let ring = kernel.take_ring()?;
     let stats = kernel.take_stats()?;
     let enforcement = kernel.take_enforcement()?;
@@ -122,15 +145,61 @@ pub fn start(options: CaptureOptions, state: Arc<CaptureState>) -> Result<Captur
         .map_err(KernelError::Thread)?;
 
     let (events_tx, events) = mpsc::channel(options.queue_events.max(1));
-    let reader = RingReader { state, events: events_tx, execs: exec_tx };
+    let queued = Arc::new(Semaphore::new((options.queue_bytes / PERMIT_BYTES).max(MIN_PERMITS)));
+    let reader = RingReader { state, events: events_tx, execs: exec_tx, queued: queued.clone() };
     tokio::spawn(reader.run(ring));
-    Ok(Capture { events, enforcement })
+    Ok(Capture { events: Events { events, queued }, enforcement })
 }
 
 /// A started capture: its events, and the maps through which policies act in the kernel.
 pub struct Capture {
-    pub events: mpsc::Receiver<CaptureEvent>,
+    pub events: Events,
     pub enforcement: EnforcementMaps,
+}
+
+/// The captured events waiting for the pipeline, bounded in number and in bytes.
+pub struct Events {
+    events: mpsc::Receiver<CaptureEvent>,
+    /// Room left for queued bytes, in permits of [`PERMIT_BYTES`].
+    queued: Arc<Semaphore>,
+}
+
+impl Events {
+    /// The next event; `None` once the capture has stopped. Cancel-safe.
+    pub async fn recv(&mut self) -> Option<CaptureEvent> {
+        let event = self.events.recv().await?;
+        self.queued.add_permits(permits_of(&event) as usize);
+        Some(event)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.events.is_empty()
+    }
+}
+
+impl Drop for Events {
+    /// A reader waiting for room learns that nobody will make any.
+    fn drop(&mut self) {
+        self.queued.close();
+    }
+}
+
+/// The queue's byte budget is kept in permits of this many bytes.
+const PERMIT_BYTES: usize = 1024;
+/// Room for the largest record (a 16 KiB chunk), whatever the config says.
+const MIN_PERMITS: usize = 64;
+
+/// What an event weighs in the queue's byte budget, in permits. Only data chunks
+/// count: the other records are small, and a held request must never wait behind a
+/// flood (its process waits, stopped, for the decision).
+fn permits_of(event: &CaptureEvent) -> u32 {
+    match &event.payload {
+        Payload::Data { bytes, .. } => {
+            let bytes = std::mem::size_of::<CaptureEvent>() + bytes.capacity();
+            u32::try_from(bytes.div_ceil(PERMIT_BYTES)).unwrap_or(u32::MAX).min(MIN_PERMITS as u32)
+        }
+        _ => 0,
+    }
 }
 
 /// Inspects a candidate and attaches to it when it is a new TLS library.
@@ -199,6 +268,7 @@ struct RingReader {
     state: Arc<CaptureState>,
     events: mpsc::Sender<CaptureEvent>,
     execs: std_mpsc::SyncSender<u32>,
+    queued: Arc<Semaphore>,
 }
 
 impl RingReader {
@@ -228,7 +298,11 @@ impl RingReader {
                     drained = true;
                     break;
                 };
-                if !self.handle(&item) {
+                let event = self.decode(&item);
+                drop(item);
+                if let Some(event) = event
+                    && !self.forward(event).await
+                {
                     return;
                 }
             }
@@ -243,14 +317,14 @@ impl RingReader {
         }
     }
 
-    /// Decodes and forwards one record; false once the pipeline is gone.
-    fn handle(&self, record: &[u8]) -> bool {
+    /// Decodes and counts one record.
+    fn decode(&self, record: &[u8]) -> Option<CaptureEvent> {
         let event = match CaptureEvent::try_from(record) {
             Ok(event) => event,
             Err(error) => {
                 self.state.counters.decode_errors.fetch_add(1, Relaxed);
                 tracing::debug!(%error, "undecodable capture record");
-                return true;
+                return None;
             }
         };
         let c = &self.state.counters;
@@ -279,13 +353,22 @@ impl RingReader {
                 }
             }
         }
-        match self.events.try_send(event) {
-            Ok(()) => true,
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                c.queue_full.fetch_add(1, Relaxed);
-                true
+        Some(event)
+    }
+
+    /// Hands an event to the pipeline, waiting while the queue is full in events or
+    /// bytes; false once the pipeline is gone. Waiting, not dropping: the kernel
+    /// ring then fills instead, where each process is held to its share, so a
+    /// flooding process cannot crowd the others out of the queue either.
+    async fn forward(&self, event: CaptureEvent) -> bool {
+        let permits = permits_of(&event);
+        if permits > 0 {
+            match self.queued.acquire_many(permits).await {
+                // Given back by `Events::recv` when the pipeline takes the event.
+                Ok(taken) => taken.forget(),
+                Err(_) => return false,
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => false,
         }
+        self.events.send(event).await.is_ok()
     }
 }

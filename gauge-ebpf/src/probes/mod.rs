@@ -1,2 +1,3 @@
+pub mod canary;
 pub mod openssl;
 pub mod process;

@@ -6,6 +6,11 @@
 //! the successful call sends them. Reads are emitted at return, when the buffer
 //! holds the plaintext. Entry probes save the arguments per thread; return probes
 //! always remove them.
+//!
+//! When return probes are unsafe on this kernel (see `gauge-agent` `source::hazards`)
+//! user space attaches none and sets `WRITE_AT_ENTRY`: writes are then emitted at
+//! entry with the length asked for, so a write that fails (or is repeated while a
+//! handshake is pending) is emitted all the same; reads are not seen at all.
 
 use aya_ebpf::{
     helpers::{bpf_get_current_pid_tgid, bpf_probe_read_user},
@@ -17,7 +22,7 @@ use gauge_common::tls::{kind, stat};
 
 use crate::{
     emit, enforce,
-    maps::{READ_ARGS, SavedCall, WRITE_ARGS, count},
+    maps::{READ_ARGS, SavedCall, WRITE_ARGS, count, write_at_entry},
 };
 
 fn save(ctx: &ProbeContext, calls: &LruHashMap<u64, SavedCall>, len_out_arg: Option<usize>) -> SavedCall {
@@ -34,6 +39,20 @@ fn save(ctx: &ProbeContext, calls: &LruHashMap<u64, SavedCall>, len_out_arg: Opt
 /// Entry of a write: saves the arguments and applies enforcement once per call
 /// (see `SavedCall::stopped`).
 fn write_entry(ctx: &ProbeContext, len_out_arg: Option<usize>, len: u64) {
+    if write_at_entry() {
+        // Nothing is saved: no return probe would ever remove it, and a stale entry
+        // would make the next write with the same buffer look like a restarted one
+        // and slip past enforcement. A restart after a stop (rare) is then held and
+        // emitted twice, which errs on the side of holding.
+        let ssl = ctx.arg::<u64>(0).unwrap_or(0);
+        let buf = ctx.arg::<u64>(1).unwrap_or(0);
+        // A blocked request is never sent, so it is not a write; a held one is,
+        // unless the policy then acts on it.
+        if enforce::at_write(ssl, buf, len) != enforce::AtWrite::Blocked {
+            emit::call(kind::WRITE, ssl, buf, len.min(u32::MAX as u64) as u32);
+        }
+        return;
+    }
     let key = bpf_get_current_pid_tgid();
     // SAFETY: the value is copied out at once.
     let before = unsafe { WRITE_ARGS.get(key) }.copied();
@@ -44,7 +63,7 @@ fn write_entry(ctx: &ProbeContext, len_out_arg: Option<usize>, len: u64) {
         let _ = WRITE_ARGS.insert(key, call, 0);
         return;
     }
-    if enforce::at_write(call.ssl, call.buf, len) {
+    if enforce::at_write(call.ssl, call.buf, len) != enforce::AtWrite::Passed {
         call.stopped = 1;
         let _ = WRITE_ARGS.insert(key, call, 0);
     }
