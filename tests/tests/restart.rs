@@ -179,6 +179,20 @@ impl Client {
         assert!(status.success() && out.trim() == "ok", "the {} client failed ({status}): {out}{err}", self.name);
     }
 
+    /// Under load the pipeline may lag behind the kernel (its queue waits rather
+    /// than drops): waits until the daemon has logged this client's last call that
+    /// ended well before `before`, or a later one. Calls are handled in order, so
+    /// every call before it has been handled too; what is still missing then is
+    /// reported by `check`.
+    fn wait_metered_up_to(&self, daemon: &Daemon, before: u64) {
+        let made = calls(&self.log);
+        let Some(last) = made.iter().filter(|(_, (_, end))| *end + LAG_NS < before).map(|(n, _)| *n).max() else { return };
+        let start = Instant::now();
+        while !logged_calls(&daemon.log.text(), self.pid()).iter().any(|(n, _)| *n >= last) && start.elapsed() < Duration::from_secs(10) {
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     fn wait_for_calls_after(&self, after: u64, count: usize) {
         let start = Instant::now();
         while calls(&self.log).values().filter(|(s, _)| *s > after).count() < count {
@@ -257,6 +271,9 @@ fn sigkill_under_load_leaves_clients_working_no_probe_behind_and_no_call_counted
         clients[1].wait_for_calls_after(healthy, 3);
         let (_, metrics) = daemon.get("/metrics").expect("scrape");
         let scraped = monotonic_ns();
+        for client in &clients {
+            client.wait_metered_up_to(&daemon, scraped);
+        }
         let requests = sum(&metrics, "gauge_llm_requests_total", &[("agent", "restart-bot")]);
         let lost = sum(&metrics, "gauge_capture_lost_events_total", &[]);
         if i == KILLS {
