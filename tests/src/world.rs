@@ -50,8 +50,19 @@ impl World {
 
     /// Runs an SDK script (see `gauge_tests::sdk`) against the mock; it must print "ok".
     pub fn python(&self, what: &str, script: &str) {
+        self.python_with(what, script, &[]);
+    }
+
+    /// The same as agent `agent` (by `GAUGE_AGENT`, which the default config
+    /// honours), so that other tests' clients on the host never count with it.
+    pub fn python_as(&self, what: &str, script: &str, agent: &str) {
+        self.python_with(what, script, &[("GAUGE_AGENT", agent)]);
+    }
+
+    fn python_with(&self, what: &str, script: &str, env: &[(&str, &str)]) {
         let mut sdk = clients::python(&self.cert, script);
         sdk.env("GAUGE_TEST_PORT", self.mock.port.to_string()).env("SSL_CERT_FILE", &self.cert);
+        sdk.envs(env.iter().copied());
         let (_, out) = clients::run(what, &mut sdk);
         assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "ok", "{what}");
     }

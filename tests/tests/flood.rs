@@ -56,9 +56,9 @@ fn a_flood_past_the_ring_is_counted_record_for_record_and_capture_goes_on() {
     assert!(bytes > 0.0, "{m}");
     assert_eq!(world.daemon.get("/healthz").map(|(code, _)| code), Some(200));
     // Capture goes on: a normal call afterwards is metered exactly.
-    world.python("openai SDK after the flood", gauge_tests::sdk::SDK_CALLS);
-    let openai = [("provider", "openai_compatible"), ("model", "gpt-4o-mini-2024-07-18")];
+    world.python_as("openai SDK after the flood", gauge_tests::sdk::SDK_CALLS, "after-flood");
+    let openai = [("agent", "after-flood"), ("provider", "openai_compatible"), ("model", "gpt-4o-mini-2024-07-18")];
     let after = world.scrape(&[(&openai, 2.0)]);
-    after.check("gauge_llm_requests_total", &[("model", "gpt-4o-mini-2024-07-18"), ("status", "200")], 2.0);
+    after.check("gauge_llm_requests_total", &gauge_tests::world::with(&openai, &[("status", "200")]), 2.0);
     after.tokens(&openai, &[("output", 14.0)]);
 }

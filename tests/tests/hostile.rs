@@ -17,7 +17,7 @@ use std::{
 };
 
 use gauge_tests::{
-    clients, kernel_tests_enabled,
+    kernel_tests_enabled,
     mock::write_certificate,
     world::{World, sum, with},
 };
@@ -305,11 +305,7 @@ fn flooding_processes_do_not_starve_the_capture_of_others() {
         })
         .collect();
     thread::sleep(Duration::from_secs(2));
-    // Named by its environment, so that other clients on the host never count here.
-    let mut sdk = clients::python(&world.cert, gauge_tests::sdk::SDK_CALLS);
-    sdk.env("GAUGE_TEST_PORT", world.mock.port.to_string()).env("SSL_CERT_FILE", &world.cert).env("GAUGE_AGENT", VICTIM);
-    let (_, out) = clients::run("the SDKs during the flood", &mut sdk);
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "ok");
+    world.python_as("the SDKs during the flood", gauge_tests::sdk::SDK_CALLS, VICTIM);
     let openai = [("agent", VICTIM), ("provider", "openai_compatible"), ("model", "gpt-4o-mini-2024-07-18")];
     let anthropic = [("agent", VICTIM), ("provider", "anthropic"), ("model", "claude-sonnet-4-5-20250929")];
     let during = world.scrape(&[(&openai, 2.0), (&anthropic, 2.0)]);
