@@ -62,20 +62,26 @@ fn main() -> anyhow::Result<()> {
         Cmd::Test { args } => {
             setup::run()?;
             setup::test_dependencies()?;
-            step("building the agent (release, eBPF object embedded)");
-            cargo(&["build", "--release", "-p", "gauge-agent"])?;
-            step("lints (clippy, warnings are errors)");
-            cargo(&["clippy", "--release", "--workspace", "--exclude", "gauge-ebpf", "--all-targets", "--", "-D", "warnings"])?;
-            step("running the test suite");
+            step("building the agent (release, eBPF object embedded)", || cargo(&["build", "--release", "-p", "gauge-agent"]))?;
+            step("lints (clippy, warnings are errors)", || {
+                cargo(&["clippy", "--release", "--workspace", "--exclude", "gauge-ebpf", "--all-targets", "--", "-D", "warnings"])
+            })?;
             let mut test = vec!["test", "--release", "--workspace", "--exclude", "gauge-ebpf"];
             test.extend(args.iter().map(String::as_str));
-            cargo(&test)
+            step("running the test suite", || cargo(&test))
         }
     }
 }
 
-fn step(what: &str) {
+/// Runs one long step, saying what it is before and how long it took after: a
+/// fresh machine spends minutes in each, and silence looks like a hang.
+fn step(what: &str, run: impl FnOnce() -> anyhow::Result<()>) -> anyhow::Result<()> {
     eprintln!("==> {what}");
+    let start = std::time::Instant::now();
+    let result = run();
+    let outcome = if result.is_ok() { "done" } else { "FAILED" };
+    eprintln!("==> {what}: {outcome} in {:.0} s", start.elapsed().as_secs_f64());
+    result
 }
 
 fn cargo(args: &[&str]) -> anyhow::Result<()> {
