@@ -8,7 +8,9 @@ use gauge_agent::{
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let mut r = Reassembler::new(Limits { max_connections: 4, idle_timeout_ns: 10_000_000_000 });
+    // Small limits, so that eviction by count, by idleness and by memory are all
+    // reached by ordinary inputs.
+    let mut r = Reassembler::new(Limits { max_connections: 4, idle_timeout_ns: 10_000_000_000, max_buffered_bytes: 64 << 10 });
     let mut out = Vec::new();
     let mut t = 0u64;
     // Records are separated by 0xFF: even records are writes, odd are reads.
