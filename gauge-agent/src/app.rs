@@ -44,6 +44,7 @@ pub async fn run(mut config: Config, config_path: Option<PathBuf>, listen: Optio
         Attributor::env_names(&config.attribution, &config.agents),
     );
     let mut pipeline = Pipeline::new(&config, Box::new(processes), monotonic_ns, &mut registry)?;
+    pipeline.start_fleet_budgets(monotonic_ns);
     let proc_root = config.attribution.host_root.join("proc");
     let cgroups = CgroupFs::new(config.attribution.host_root.join("sys/fs/cgroup"));
     let hold_timeout = Duration::from_millis(config.enforcement.hold_timeout_ms);
@@ -62,8 +63,11 @@ pub async fn run(mut config: Config, config_path: Option<PathBuf>, listen: Optio
     if writes.token.is_none() && !writes.loopback {
         tracing::warn!(%listen, "listening beyond loopback without server.token_file: POST /v1/outcomes is refused");
     }
-    let state = ServerState::new(registry, &capture, pipeline.outcomes(), writes);
-    let serve = server::bind(listen, state.clone()).await?;
+    let reads = server::ReadAccess { token: read_token(config.server.metrics_token_file.as_deref())? };
+    // Read now, so that a bad certificate or key stops the start with its file named.
+    let tls = config.server.tls.as_ref().map(server::TlsFiles::load).transpose()?;
+    let state = ServerState::new(registry, &capture, pipeline.outcomes(), writes).with_reads(reads);
+    let serve = server::bind(listen, state.clone(), tls).await?;
     let mut serve = tokio::spawn(serve);
 
     let runtime::Capture { mut events, enforcement } = runtime::start(config.capture_options(), capture.clone())?;
@@ -108,6 +112,9 @@ pub async fn run(mut config: Config, config_path: Option<PathBuf>, listen: Optio
                 executor.due(Instant::now());
                 executor.forget_gone();
                 pipeline.forget_gone(|pid| executor.alive(pid));
+                // Fleet budgets change with other hosts' spend, not only with events here.
+                pipeline.tick(monotonic_ns());
+                executor.run(pipeline.take_commands(), Instant::now());
                 if let Some(watch) = &mut watch
                     && let Some(reloaded) = watch.changed()
                 {
@@ -229,15 +236,26 @@ pub async fn record(
     Ok(())
 }
 
-/// `gauge-agent targets`: asks the running daemon.
-pub fn targets(listen: SocketAddr, json: bool) -> anyhow::Result<()> {
+/// `gauge-agent targets`: asks the running daemon (plain HTTP: with `[server.tls]`
+/// on, use curl, as README.md says).
+pub fn targets(listen: SocketAddr, json: bool, token_file: Option<&Path>) -> anyhow::Result<()> {
+    let token = read_token(token_file)?;
     let url = format!("http://{listen}/targets");
-    let body = ureq::get(&url)
+    let mut request = ureq::get(&url).config().http_status_as_error(false).build();
+    if let Some(token) = token {
+        request = request.header("authorization", format!("Bearer {token}"));
+    }
+    let mut response = request
         .call()
-        .with_context(|| format!("cannot reach the daemon at {listen}: is `gauge-agent run` running? (use --listen if it listens elsewhere)"))?
-        .body_mut()
-        .read_to_string()
-        .context("reading the daemon's answer")?;
+        .with_context(|| format!("cannot reach the daemon at {listen}: is `gauge-agent run` running? (use --listen if it listens elsewhere; with [server.tls] on, use curl --cacert)"))?;
+    let status = response.status();
+    let body = response.body_mut().read_to_string().context("reading the daemon's answer")?;
+    if status == 401 {
+        bail!("the daemon requires its read token (server.metrics_token_file): pass it with --token-file FILE");
+    }
+    if !status.is_success() {
+        bail!("the daemon refused /targets ({status}): {}", body.trim());
+    }
     if json {
         println!("{body}");
         return Ok(());

@@ -37,6 +37,9 @@ pub enum Command {
         /// Print the raw JSON instead of a table.
         #[arg(long)]
         json: bool,
+        /// File holding the daemon's read token (its server.metrics_token_file), if set.
+        #[arg(long)]
+        token_file: Option<PathBuf>,
     },
     /// Capture events to a file (JSON Lines, credentials redacted) until Ctrl-C.
     Record {

@@ -106,6 +106,10 @@ pub struct Server {
     /// A file holding the bearer token that `POST /v1/outcomes` requires (required
     /// for it beyond loopback).
     pub token_file: Option<PathBuf>,
+    /// A file holding the bearer token that `/metrics` and `/targets` then require.
+    pub metrics_token_file: Option<PathBuf>,
+    /// `[server.tls]`: HTTPS (and mTLS with `client_ca_file`) instead of plain HTTP.
+    pub tls: Option<crate::export::server::TlsFiles>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -122,7 +126,7 @@ pub struct Capture {
 
 impl Default for Server {
     fn default() -> Self {
-        Self { listen: SocketAddr::from(([127, 0, 0, 1], 9977)), token_file: None }
+        Self { listen: SocketAddr::from(([127, 0, 0, 1], 9977)), token_file: None, metrics_token_file: None, tls: None }
     }
 }
 

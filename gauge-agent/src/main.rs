@@ -36,7 +36,7 @@ fn main() -> anyhow::Result<()> {
             let filter = gauge_agent::source::recording::Filter::new(pid, comm);
             runtime.block_on(app::record(config, &output, filter, duration.map(Duration::from_secs), !no_redact))
         }
-        Command::Targets { listen, json } => app::targets(listen, json),
+        Command::Targets { listen, json, token_file } => app::targets(listen, json, token_file.as_deref()),
         Command::Outcome { agent, name, count, value, listen, token_file } => {
             let report = gauge_agent::metering::outcomes::OutcomeReport { agent, outcome: name, count, value };
             app::outcome(listen, &report, token_file.as_deref())

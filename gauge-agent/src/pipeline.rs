@@ -100,6 +100,21 @@ impl Pipeline {
         self.policy.forget_gone(alive);
     }
 
+    /// Starts asking Prometheus for fleet budgets' spend (`spend_source =
+    /// "prometheus"`), now and after each reload; `clock` is CLOCK_MONOTONIC ns. The
+    /// daemon only: replay and tests count locally.
+    pub fn start_fleet_budgets(&mut self, clock: fn() -> u64) {
+        self.policy.start_fleet_budgets(clock);
+    }
+
+    /// Policy housekeeping between events (at `now_ns`, CLOCK_MONOTONIC): limits
+    /// cleared, and fleet budgets crossed by other hosts' spend.
+    pub fn tick(&mut self, now_ns: u64) {
+        if self.policy.active() {
+            self.policy.tick(now_ns);
+        }
+    }
+
     /// A reloaded config's agents and policies; the rest needs a restart.
     pub fn reload(&mut self, config: &Config) {
         self.attributor.set_rules(config.agents.clone());

@@ -6,6 +6,7 @@
 pub mod agent;
 pub mod clients;
 pub mod mock;
+pub mod prometheus;
 pub mod sdk;
 pub mod streams;
 pub mod world;

@@ -9,8 +9,9 @@ use std::process::{Command, Stdio};
 use anyhow::{Context as _, bail};
 
 const BUILD_PACKAGES: [&str; 4] = ["rustc-web", "cargo-web", "libstd-rust-web-dev-bpf", "llvm-22-dev"];
-/// Clients and tools the kernel tests drive.
-const TEST_PACKAGES: [&str; 3] = ["curl", "openssl", "ca-certificates"];
+/// Clients and tools the kernel tests drive (`prometheus`: the server and `promtool`
+/// that `tests/tests/prometheus.rs` runs against `deploy/prometheus/`).
+const TEST_PACKAGES: [&str; 4] = ["curl", "openssl", "ca-certificates", "prometheus"];
 const TOOLCHAIN: &str = "debian-bpf";
 const BPF_LINKER: &str = "0.13.0";
 
@@ -74,8 +75,30 @@ pub fn test_dependencies() -> anyhow::Result<()> {
         run_cmd(Command::new("python3").args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check"]).args(PYTHON_PACKAGES))
             .context("pip install of the test SDKs failed: the end-to-end tests need python3 with pip")?;
     }
+    // tests/tests/deploy.rs checks deploy/: `systemd-analyze verify` on the unit,
+    // kubernetes-validate (offline schemas) on the manifests.
+    let missing = missing_packages(&DEPLOY_PACKAGES);
+    if !missing.is_empty() {
+        check_host()?;
+        apt_install(&missing)?;
+    }
+    let validator_present = Command::new("python3")
+        .args(["-c", "import kubernetes_validate"])
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !validator_present {
+        eprintln!("==> setup: installing {KUBERNETES_VALIDATE} (checks deploy/kubernetes)");
+        run_cmd(Command::new("python3").args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", KUBERNETES_VALIDATE]))
+            .context("pip install of kubernetes-validate failed: tests/tests/deploy.rs needs it")?;
+    }
     Ok(())
 }
+
+/// `systemd-analyze`, for the unit in deploy/systemd.
+const DEPLOY_PACKAGES: [&str; 1] = ["systemd"];
+/// Validates deploy/kubernetes against the Kubernetes schemas, offline.
+const KUBERNETES_VALIDATE: &str = "kubernetes-validate==1.34.1";
 
 fn check_host() -> anyhow::Result<()> {
     let os = std::fs::read_to_string("/etc/os-release").unwrap_or_default();

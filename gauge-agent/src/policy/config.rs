@@ -47,6 +47,126 @@ pub struct PolicyConfig {
     pub gate: bool,
     #[serde(default)]
     pub dry_run: bool,
+    /// Where `max_cost_usd` takes its spend from: this host's count, or a
+    /// Prometheus query over the fleet (`[policies.prometheus]`).
+    #[serde(default)]
+    pub spend_source: SpendSource,
+    pub prometheus: Option<PrometheusSpend>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SpendSource {
+    /// What this agent metered itself, per scope key and window.
+    #[default]
+    Local,
+    /// The fleet's spend from `[policies.prometheus]`, with the local count as a floor.
+    Prometheus,
+}
+
+/// What a fleet budget does while Prometheus gives no usable answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnError {
+    /// Keep enforcing the local count only (the default: a monitoring outage must
+    /// not stop production agents).
+    #[default]
+    Open,
+    /// The budget counts as spent: the agent's LLM requests are stopped until
+    /// Prometheus answers again.
+    Closed,
+}
+
+/// `[policies.prometheus]`: the fleet's spend, asked of Prometheus's HTTP API.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "RawPrometheusSpend")]
+pub struct PrometheusSpend {
+    /// Base URL, `http://host:port[/prefix]`, without a trailing slash.
+    pub url: String,
+    /// A PromQL instant query whose samples add up to the spend in USD.
+    pub query: String,
+    /// How often it is asked; decisions in between use the cached answer.
+    pub refresh: Duration,
+    /// How long one query may take.
+    pub timeout: Duration,
+    pub on_error: OnError,
+    /// A file holding a bearer token for Prometheus (re-read at each query, so it
+    /// may be rotated).
+    pub token_file: Option<std::path::PathBuf>,
+}
+
+impl PrometheusSpend {
+    /// An answer older than this counts as no answer.
+    pub fn stale_after(&self) -> Duration {
+        self.refresh.saturating_mul(STALE_REFRESHES)
+    }
+}
+
+/// Refreshes an answer may miss before it is stale (one slow or failed query must
+/// not flip a fleet budget to its error behaviour).
+pub const STALE_REFRESHES: u32 = 3;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPrometheusSpend {
+    url: PrometheusUrl,
+    query: String,
+    #[serde(default = "fifteen_seconds", deserialize_with = "crate::config::duration")]
+    refresh: Duration,
+    #[serde(default = "two_seconds", deserialize_with = "crate::config::duration")]
+    timeout: Duration,
+    #[serde(default)]
+    on_error: OnError,
+    token_file: Option<std::path::PathBuf>,
+}
+
+impl TryFrom<RawPrometheusSpend> for PrometheusSpend {
+    type Error = String;
+
+    // Checked here, while the table is read, so that errors carry its line.
+    fn try_from(raw: RawPrometheusSpend) -> Result<Self, String> {
+        if raw.query.trim().is_empty() {
+            return Err("query must be a PromQL expression giving the fleet's spend in USD".into());
+        }
+        if raw.refresh < Duration::from_secs(1) {
+            return Err(format!("refresh = {:?} is too often: at least \"1s\"", raw.refresh));
+        }
+        if raw.timeout.is_zero() || raw.timeout > raw.refresh {
+            return Err(format!("timeout = {:?} must be longer than zero and at most refresh ({:?})", raw.timeout, raw.refresh));
+        }
+        Ok(Self { url: raw.url.0, query: raw.query, refresh: raw.refresh, timeout: raw.timeout, on_error: raw.on_error, token_file: raw.token_file })
+    }
+}
+
+/// `http://host[:port][/prefix]`, checked where written. Plain HTTP only: the agent
+/// is built without a TLS client; reach a remote Prometheus over HTTPS through a
+/// local proxy (see README, Guardrails).
+struct PrometheusUrl(String);
+
+impl<'de> Deserialize<'de> for PrometheusUrl {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        let fail = |why: &str| serde::de::Error::custom(format!("url {text:?}: {why}"));
+        let Some(rest) = text.strip_prefix("http://") else {
+            return Err(fail(if text.starts_with("https://") {
+                "https is not supported (the agent has no TLS client): use plain http to a local Prometheus, or a local TLS proxy"
+            } else {
+                "must start with http://"
+            }));
+        };
+        let host = rest.split('/').next().unwrap_or_default();
+        if host.is_empty() {
+            return Err(fail("names no host"));
+        }
+        // Credentials in a URL end up in logs: they belong in token_file.
+        if host.contains('@') {
+            return Err(fail("must not carry credentials: put a bearer token in token_file"));
+        }
+        if rest.contains(['?', '#']) {
+            return Err(fail("must not carry a query or fragment: the query goes in `query`"));
+        }
+        Ok(Self(text.trim_end_matches('/').to_owned()))
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
@@ -129,6 +249,12 @@ fn half_minute() -> Duration {
 fn ten_seconds() -> Duration {
     Duration::from_secs(10)
 }
+fn fifteen_seconds() -> Duration {
+    Duration::from_secs(15)
+}
+fn two_seconds() -> Duration {
+    Duration::from_secs(2)
+}
 fn tenth() -> f64 {
     0.1
 }
@@ -154,6 +280,14 @@ impl PolicyConfig {
         }
         if self.gate && self.scope != Scope::Process && matches!(self.action, Action::Pause) {
             return Err("a gated pause acts on the requesting process: use scope = \"process\"");
+        }
+        match (self.spend_source, &self.prometheus) {
+            (SpendSource::Prometheus, None) => return Err("spend_source = \"prometheus\" needs a [policies.prometheus] table (url, query)"),
+            (SpendSource::Prometheus, Some(_)) if self.max_cost_usd.is_none() => {
+                return Err("spend_source = \"prometheus\" needs max_cost_usd: the fleet's spend is checked against it");
+            }
+            (SpendSource::Local, Some(_)) => return Err("[policies.prometheus] is read only with spend_source = \"prometheus\""),
+            _ => {}
         }
         Ok(())
     }
@@ -231,5 +365,46 @@ mod tests {
         assert!(err.contains("line 4") && err.contains("non-negative"), "{err}");
         let list = AllowedModels::List(vec!["gpt-4o-mini".into()]);
         assert!(list.allows("gpt-4o-mini-2024-07-18") && !list.allows("gpt-4o") && !list.allows("gpt-4o-minix"));
+    }
+
+    const FLEET: &str = "[[policies]]\nname = \"f\"\nagent = \"*\"\nmax_cost_usd = 100\naction = \"kill\"\nspend_source = \"prometheus\"\n[policies.prometheus]\n";
+
+    fn fleet(table: &str) -> Result<PolicyConfig, String> {
+        toml::from_str::<File>(&format!("{FLEET}{table}")).map(|mut f| f.policies.remove(0)).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn a_fleet_budget_parses_with_its_defaults() {
+        let p = fleet("url = \"http://prometheus:9090/\"\nquery = 'sum(x)'\n").expect("parses");
+        let prom = p.prometheus.clone().expect("table");
+        assert_eq!((p.spend_source, prom.url.as_str(), prom.refresh, prom.timeout, prom.on_error), (SpendSource::Prometheus, "http://prometheus:9090", Duration::from_secs(15), Duration::from_secs(2), OnError::Open));
+        assert_eq!(prom.stale_after(), Duration::from_secs(45));
+        assert_eq!(p.validate(), Ok(()));
+        let p = fleet("url = \"http://10.0.0.1:9090/prom\"\nquery = 'sum(x)'\nrefresh = \"1m\"\ntimeout = \"5s\"\non_error = \"closed\"\ntoken_file = \"/etc/gauge/prom-token\"\n").expect("parses");
+        assert_eq!(p.prometheus.map(|p| (p.on_error, p.token_file)), Some((OnError::Closed, Some("/etc/gauge/prom-token".into()))));
+    }
+
+    #[test]
+    fn fleet_budget_mistakes_are_named_where_written() {
+        for (table, line, words) in [
+            ("url = \"https://prom:9090\"\nquery = 'x'\n", 8, "https is not supported"),
+            ("url = \"prom:9090\"\nquery = 'x'\n", 8, "must start with http://"),
+            ("url = \"http://user:pw@prom\"\nquery = 'x'\n", 8, "token_file"),
+            ("url = \"http://prom\"\nquery = 'x'\non_error = \"maybe\"\n", 10, "open"),
+            ("url = \"http://prom\"\nquery = 'x'\nrefresh = \"soon\"\n", 10, "not a duration"),
+            ("url = \"http://prom\"\nquery = 'x'\nquery_typo = 1\n", 10, "query_typo"),
+            ("url = \"http://prom\"\nquery = ' '\n", 7, "PromQL"),
+            ("url = \"http://prom\"\nquery = 'x'\nrefresh = \"100ms\"\n", 7, "at least"),
+            ("url = \"http://prom\"\nquery = 'x'\nrefresh = \"5s\"\ntimeout = \"10s\"\n", 7, "at most refresh"),
+        ] {
+            let err = fleet(table).err().unwrap_or_default();
+            assert!(err.contains(&format!("line {line}")) && err.contains(words), "{table}: want line {line} and {words:?} in: {err}");
+        }
+        let no_table = toml::from_str::<File>(FLEET.trim_end_matches("[policies.prometheus]\n")).expect("parses");
+        assert!(no_table.policies[0].validate().is_err_and(|e| e.contains("[policies.prometheus]")));
+        let no_budget = fleet("url = \"http://prom\"\nquery = 'x'\n").map(|p| PolicyConfig { max_cost_usd: None, max_requests: Some(1), ..p }).expect("parses");
+        assert!(no_budget.validate().is_err_and(|e| e.contains("max_cost_usd")));
+        let local = fleet("url = \"http://prom\"\nquery = 'x'\n").map(|p| PolicyConfig { spend_source: SpendSource::Local, ..p }).expect("parses");
+        assert!(local.validate().is_err_and(|e| e.contains("spend_source")));
     }
 }

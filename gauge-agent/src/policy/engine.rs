@@ -59,6 +59,21 @@ pub struct Violation {
     pub allowed: f64,
 }
 
+/// What a fleet budget (`spend_source = "prometheus"`) knows of the fleet's spend,
+/// set by the stage before each decision (the engine stays clock-free).
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub enum RemoteSpend {
+    /// No usable answer and `on_error = "open"` (or no fetcher, as on replay): the
+    /// local count alone.
+    #[default]
+    LocalOnly,
+    /// A fresh answer: the fleet's spend in USD. It includes this host's, but
+    /// later (scrape and refresh lag), so the local count stays the floor.
+    Fleet(f64),
+    /// No usable answer and `on_error = "closed"`: the budget counts as spent.
+    Exhausted,
+}
+
 #[derive(Debug, Clone, Copy, Default)]
 struct Counts {
     requests: u64,
@@ -113,11 +128,22 @@ impl Window {
 pub struct Engine {
     policies: Vec<PolicyConfig>,
     windows: HashMap<(usize, ScopeKey), Window>,
+    /// Per fleet-budget policy: what Prometheus last said.
+    remote: HashMap<usize, RemoteSpend>,
 }
 
 impl Engine {
     pub fn new(policies: Vec<PolicyConfig>) -> Self {
-        Self { policies, windows: HashMap::new() }
+        Self { policies, windows: HashMap::new(), remote: HashMap::new() }
+    }
+
+    /// The fleet's spend for policy `i`, as the next decisions are to see it.
+    pub fn set_remote(&mut self, i: usize, remote: RemoteSpend) {
+        self.remote.insert(i, remote);
+    }
+
+    pub fn remote(&self, i: usize) -> RemoteSpend {
+        self.remote.get(&i).copied().unwrap_or_default()
     }
 
     pub fn policies(&self) -> &[PolicyConfig] {
@@ -224,9 +250,9 @@ impl Engine {
                 return Some(Violation { policy: i, key: key.clone(), limit, observed: observed as f64, allowed: max as f64 });
             }
         }
-        let spent = t.cost_pico as f64 / 1e12;
+        let (spent, exhausted) = effective_spend(t.cost_pico, self.remote.get(&i).copied().unwrap_or_default());
         // A budget is spent once reached: the next request would go past it.
-        let budget_over = |max: f64| if next.is_some() { spent >= max } else { spent > max };
+        let budget_over = |max: f64| exhausted || if next.is_some() { spent >= max } else { spent > max };
         if let Some(max) = p.max_cost_usd.map(|m| m.0).filter(|m| budget_over(*m)) {
             return Some(Violation { policy: i, key: key.clone(), limit: "max_cost_usd", observed: spent, allowed: max });
         }
@@ -236,12 +262,30 @@ impl Engine {
     /// USD spent in policy `i`'s window for `key` at `now_ns`.
     pub fn spent(&mut self, i: usize, key: &ScopeKey, now_ns: u64) -> f64 {
         let Some(p) = self.policies.get(i) else { return 0.0 };
-        window_totals(&mut self.windows, p, i, key, now_ns).0.cost_pico as f64 / 1e12
+        let remote = self.remote.get(&i).copied().unwrap_or_default();
+        effective_spend(window_totals(&mut self.windows, p, i, key, now_ns).0.cost_pico, remote).0
+    }
+
+    /// The first window limit of policy `i` that `key` is over at `now_ns`.
+    pub fn violation(&mut self, i: usize, key: &ScopeKey, now_ns: u64) -> Option<Violation> {
+        self.over(i, key, now_ns, None)
     }
 
     /// Whether policy `i` is still over a window limit for `key` at `now_ns`.
     pub fn still_over(&mut self, i: usize, key: &ScopeKey, now_ns: u64) -> bool {
         self.over(i, key, now_ns, None).is_some()
+    }
+}
+
+/// USD a budget counts as spent, and whether it counts as spent whatever the sum
+/// (fleet spend unknown, failing closed). A fresh fleet answer already includes
+/// this host's spend, only later: the larger of the two is the best estimate.
+fn effective_spend(local_pico: u128, remote: RemoteSpend) -> (f64, bool) {
+    let local = local_pico as f64 / 1e12;
+    match remote {
+        RemoteSpend::LocalOnly => (local, false),
+        RemoteSpend::Fleet(fleet) => (local.max(fleet), false),
+        RemoteSpend::Exhausted => (local, true),
     }
 }
 
@@ -328,5 +372,40 @@ mod tests {
         assert_eq!(e.on_request(&bot(2), &request), None, "half the budget left, in any process of the agent");
         assert!(e.on_call(&bot(2), CallFacts { at_ns: S, cost_pico: 6_000_000_000, ..Default::default() }).len() == 1);
         assert_eq!(e.on_request(&bot(3), &request).map(|v| v.limit), Some("max_cost_usd"));
+    }
+
+    const FLEET: &str = "[[policies]]\nname = \"f\"\nagent = \"bot\"\nscope = \"agent\"\nmax_cost_usd = 1.0\nwindow = \"24h\"\naction = \"kill\"\ngate = true\nspend_source = \"prometheus\"\n[policies.prometheus]\nurl = \"http://127.0.0.1:9\"\nquery = \"x\"\n";
+
+    #[test]
+    fn a_fleet_budget_takes_the_larger_of_fleet_and_local_spend() {
+        let mut e = engine(FLEET);
+        let request = RequestFacts { at_ns: S, ..Default::default() };
+        let key = ScopeKey::Agent("bot".into());
+        e.set_remote(0, RemoteSpend::Fleet(0.4));
+        assert_eq!(e.on_request(&bot(1), &request), None, "the fleet has spent 0.4 of 1.0");
+        assert!((e.spent(0, &key, S) - 0.4).abs() < 1e-12);
+        e.set_remote(0, RemoteSpend::Fleet(1.0));
+        let v = e.on_request(&bot(1), &request);
+        assert_eq!(v.map(|v| (v.limit, v.observed, v.allowed)), Some(("max_cost_usd", 1.0, 1.0)), "reached by the fleet");
+        // The fleet's answer lags this host's own spend: the local count is the floor.
+        e.set_remote(0, RemoteSpend::Fleet(0.0));
+        assert!(e.on_call(&bot(1), CallFacts { at_ns: S, cost_pico: 1_500_000_000_000, ..Default::default() }).len() == 1);
+        assert!((e.spent(0, &key, S) - 1.5).abs() < 1e-12);
+        assert!(e.still_over(0, &key, 2 * S));
+    }
+
+    #[test]
+    fn an_unknown_fleet_spend_falls_back_to_local_or_counts_as_spent() {
+        let mut e = engine(FLEET);
+        let request = RequestFacts { at_ns: S, ..Default::default() };
+        let key = ScopeKey::Agent("bot".into());
+        e.set_remote(0, RemoteSpend::LocalOnly);
+        assert_eq!(e.on_request(&bot(1), &request), None, "open: the local count, nothing spent");
+        assert!(!e.still_over(0, &key, S));
+        e.set_remote(0, RemoteSpend::Exhausted);
+        assert_eq!(e.on_request(&bot(1), &request).map(|v| v.limit), Some("max_cost_usd"), "closed: spent");
+        assert!(e.still_over(0, &key, S), "armed processes stay blocked while it is unknown");
+        e.set_remote(0, RemoteSpend::Fleet(0.1));
+        assert!(!e.still_over(0, &key, S), "and are let go once Prometheus answers below the budget");
     }
 }

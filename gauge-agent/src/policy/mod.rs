@@ -15,6 +15,7 @@ pub mod config;
 pub mod engine;
 pub mod executor;
 pub mod held;
+pub mod remote;
 
 use std::{collections::HashMap, time::Duration};
 
@@ -25,9 +26,10 @@ use prometheus_client::{
 };
 
 use self::{
-    config::{Action, EnforcementConfig, PolicyConfig},
-    engine::{CallFacts, Engine, RequestFacts, ScopeKey, Subject, Violation},
+    config::{Action, EnforcementConfig, OnError, PolicyConfig, SpendSource},
+    engine::{CallFacts, Engine, RemoteSpend, RequestFacts, ScopeKey, Subject, Violation},
     held::{HeldRequests, HeldWrite},
+    remote::{FleetBudgets, Judged},
 };
 use crate::{attribution::process::ProcessInfo, pipeline::Finished};
 
@@ -126,6 +128,10 @@ pub struct PolicyStage {
     /// a call on it finishes.
     acted_on: HashMap<u32, u64>,
     commands: Vec<Command>,
+    /// Fleet budgets' fetchers, and what each policy last judged (for logging the
+    /// changes only).
+    fleet: FleetBudgets,
+    fleet_seen: HashMap<usize, Judged>,
     actions: Family<ActionLabels, Counter>,
     violations: Family<ViolationLabels, Counter>,
     held_requests: Family<HeldLabels, Counter>,
@@ -142,6 +148,8 @@ impl PolicyStage {
             marked: Default::default(),
             acted_on: HashMap::new(),
             commands: Vec::new(),
+            fleet: FleetBudgets::register(registry),
+            fleet_seen: HashMap::new(),
             actions: Family::default(),
             violations: Family::default(),
             held_requests: Family::default(),
@@ -158,6 +166,8 @@ impl PolicyStage {
 
     /// New policies (config reload); counts start afresh.
     pub fn reload(&mut self, policies: Vec<PolicyConfig>, enforcement: EnforcementConfig) {
+        self.fleet.sync(&policies);
+        self.fleet_seen.clear();
         self.engine = Engine::new(policies);
         self.guard.config = enforcement;
         self.armed.clear();
@@ -166,6 +176,56 @@ impl PolicyStage {
         self.known.clear();
         for subject in known {
             self.remember(subject, None);
+        }
+    }
+
+    /// Starts asking Prometheus for the fleet budgets' spend, now and after each
+    /// reload (the daemon only: replay and tests count locally). `clock` is the
+    /// events' clock, CLOCK_MONOTONIC ns.
+    pub fn start_fleet_budgets(&mut self, clock: fn() -> u64) {
+        self.fleet.start(clock, self.engine.policies());
+    }
+
+    /// Tells the engine what each fleet budget's fetcher has at `now_ns`: a fresh
+    /// fleet spend, or, without one, the local count (`on_error = "open"`, before
+    /// the first answer, or no fetcher) or a spent budget (`"closed"`).
+    fn refresh_fleet(&mut self, now_ns: u64) {
+        let mut remotes = Vec::new();
+        for (i, p) in self.engine.policies().iter().enumerate() {
+            let Some(prometheus) = p.prometheus.as_ref().filter(|_| p.spend_source == SpendSource::Prometheus) else { continue };
+            let Some(judged) = self.fleet.judge(&p.name, now_ns) else { continue };
+            let remote = match judged {
+                Judged::Fresh(usd) => RemoteSpend::Fleet(usd),
+                Judged::Pending => RemoteSpend::LocalOnly,
+                Judged::Unusable(_) if prometheus.on_error == OnError::Open => RemoteSpend::LocalOnly,
+                Judged::Unusable(_) => RemoteSpend::Exhausted,
+            };
+            // Logged when it changes kind (fresh, pending, unusable for a reason),
+            // not at every decision nor for every new value.
+            let kind = |j: &Judged| match j {
+                Judged::Fresh(_) => None,
+                Judged::Pending => Some(""),
+                Judged::Unusable(reason) => Some(*reason),
+            };
+            if self.fleet_seen.get(&i).map(kind) != Some(kind(&judged)) {
+                match judged {
+                    Judged::Fresh(usd) => tracing::info!(policy = %p.name, fleet_usd = usd, "fleet budget: spend from Prometheus"),
+                    Judged::Pending => {}
+                    Judged::Unusable(reason) if remote == RemoteSpend::Exhausted => tracing::warn!(
+                        policy = %p.name, agent = %p.agent, reason,
+                        "fleet budget: no usable answer from Prometheus; on_error = \"closed\": the budget counts as spent and the agent's LLM requests are stopped"
+                    ),
+                    Judged::Unusable(reason) => tracing::warn!(
+                        policy = %p.name, agent = %p.agent, reason,
+                        "fleet budget: no usable answer from Prometheus; on_error = \"open\": only this host's spend counts"
+                    ),
+                }
+                self.fleet_seen.insert(i, judged);
+            }
+            remotes.push((i, remote));
+        }
+        for (i, remote) in remotes {
+            self.engine.set_remote(i, remote);
         }
     }
 
@@ -226,6 +286,7 @@ impl PolicyStage {
         if self.marked.insert(connection) {
             self.commands.push(Command::MarkLlm { tgid: connection.0, connection: connection.1 });
         }
+        self.refresh_fleet(done.metered.call.end_ns);
         let call = &done.metered.call;
         let facts = CallFacts {
             at_ns: call.end_ns,
@@ -280,6 +341,7 @@ impl PolicyStage {
 
     /// Returns whether the request was released.
     fn decide(&mut self, subject: &Subject, at_ns: u64, write: &HeldWrite) -> bool {
+        self.refresh_fleet(at_ns);
         if write.llm && self.marked.insert((write.tgid, write.connection)) {
             self.commands.push(Command::MarkLlm { tgid: write.tgid, connection: write.connection });
         }
@@ -388,6 +450,7 @@ impl PolicyStage {
 
     /// Budget policies of this subject: (policy, spent in its window, limit, window minutes).
     pub fn budgets(&mut self, subject: &Subject, now_ns: u64) -> Vec<(String, f64, f64, u64)> {
+        self.refresh_fleet(now_ns);
         let budgets: Vec<(usize, String, f64, u64)> = self
             .engine
             .policies()
@@ -405,14 +468,41 @@ impl PolicyStage {
             .collect()
     }
 
-    /// Disarms processes whose limits the window has cleared.
+    /// Disarms processes whose limits the window (or the fleet) has cleared, and
+    /// arms those a fleet budget now stops: Prometheus's answer changes without any
+    /// call finishing here.
     pub fn tick(&mut self, now_ns: u64) {
+        self.refresh_fleet(now_ns);
         let armed: Vec<(u32, Armed)> = self.armed.iter().map(|(t, a)| (*t, a.clone())).collect();
         for (tgid, a) in armed {
             if !self.engine.still_over(a.violation.policy, &a.violation.key, now_ns) {
                 self.armed.remove(&tgid);
                 self.commands.push(Command::Unblock { tgid, gate: self.engine.gates(&a.agent) });
                 tracing::info!(pid = tgid, agent = %a.agent, limit = a.violation.limit, "limit cleared: LLM requests flow again");
+            }
+        }
+        self.arm_fleet(now_ns);
+    }
+
+    /// Arms the known processes over a fleet budget. Alert-only and dry-run
+    /// policies are left to count at the next request or call, as local budgets do
+    /// (arming them here would count a violation every tick).
+    fn arm_fleet(&mut self, now_ns: u64) {
+        let fleet: Vec<usize> = (0..self.engine.policies().len()).filter(|&i| self.engine.remote(i) != RemoteSpend::LocalOnly).collect();
+        for i in fleet {
+            let policy = self.engine.policies()[i].clone();
+            if self.dry_run(&policy) || policy.action == Action::Alert {
+                continue;
+            }
+            let subjects: Vec<Subject> = self.known.values().filter(|s| policy.applies_to(&s.agent)).cloned().collect();
+            for subject in subjects {
+                if self.armed.contains_key(&subject.tgid) {
+                    continue;
+                }
+                let key = self.engine.key(i, &subject);
+                if let Some(violation) = self.engine.violation(i, &key, now_ns) {
+                    self.arm(&policy, &subject, violation);
+                }
             }
         }
     }

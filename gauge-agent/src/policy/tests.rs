@@ -132,3 +132,83 @@ fn processes_that_are_gone_are_forgotten() {
     s.forget_gone(|tgid| tgid == 43);
     assert!(!s.known.contains_key(&42) && s.known.contains_key(&43));
 }
+
+const S: u64 = 1_000_000_000;
+
+fn fleet_policy(on_error: &str, gate: bool) -> String {
+    format!(
+        "[[policies]]\nname = \"fleet\"\nagent = \"bot\"\nscope = \"agent\"\nmax_cost_usd = 1.0\nwindow = \"24h\"\naction = \"kill\"\ngate = {gate}\n\
+         spend_source = \"prometheus\"\n[policies.prometheus]\nurl = \"http://127.0.0.1:9\"\nquery = \"x\"\nrefresh = \"10s\"\ntimeout = \"1s\"\non_error = \"{on_error}\"\n"
+    )
+}
+
+/// A stage whose fleet policy reads a cell the test sets, as the fetcher would.
+fn fleet_stage(on_error: &str, gate: bool) -> (PolicyStage, std::sync::Arc<std::sync::Mutex<remote::Reading>>) {
+    let mut s = stage(&fleet_policy(on_error, gate), EnforcementConfig::default());
+    let cell = s.fleet.fake(s.engine.policies(), "fleet");
+    (s, cell)
+}
+
+fn answered(usd: f64, at_ns: u64) -> remote::Reading {
+    remote::Reading { answer: Some((usd, at_ns)), answered: None, error: None, asked: true }
+}
+
+/// Holds one whole request of process 42 at `at_ns`: whether it was released.
+fn held(s: &mut PolicyStage, at_ns: u64) -> bool {
+    let (subject, _) = bot(42);
+    let write = request("gpt-4o-mini", 0);
+    s.on_held(&subject, at_ns, 7, write.len() as u32, 0, &write);
+    s.take_commands().contains(&Command::Signal { pid: 42, signal: SIGCONT, after: Duration::ZERO })
+}
+
+#[test]
+fn a_fleet_budget_stops_requests_once_the_fleet_has_spent_it() {
+    let (mut s, cell) = fleet_stage("closed", true);
+    let (subject, info) = bot(42);
+    s.on_process(subject, &info);
+    s.take_commands();
+    assert!(held(&mut s, S), "before the first answer: the local count, nothing spent");
+    *cell.lock().expect("lock") = answered(0.5, S);
+    assert!(held(&mut s, 2 * S), "the fleet has spent half");
+    *cell.lock().expect("lock") = answered(1.2, 3 * S);
+    assert!(!held(&mut s, 4 * S), "the fleet has spent it all, none of it here");
+    *cell.lock().expect("lock") = answered(0.2, 5 * S);
+    assert!(held(&mut s, 6 * S), "the window moved on across the fleet");
+}
+
+#[test]
+fn a_fleet_budget_without_a_fresh_answer_fails_open_or_closed() {
+    for (on_error, released) in [("open", true), ("closed", false)] {
+        let (mut s, cell) = fleet_stage(on_error, true);
+        let (subject, info) = bot(42);
+        s.on_process(subject, &info);
+        *cell.lock().expect("lock") = answered(0.5, S);
+        assert!(held(&mut s, 2 * S), "{on_error}: fresh and under the budget");
+        // A failed query since: the answer of 1 s is still good for 3 refreshes (30 s).
+        cell.lock().expect("lock").error = Some("timeout");
+        assert!(held(&mut s, 30 * S), "{on_error}: cached through one failure");
+        assert_eq!(held(&mut s, 32 * S), released, "{on_error}: stale");
+        // Never answered at all (Prometheus down from the start).
+        *cell.lock().expect("lock") = remote::Reading { asked: true, error: Some("connect"), ..Default::default() };
+        assert_eq!(held(&mut s, 33 * S), released, "{on_error}: down");
+    }
+}
+
+#[test]
+fn an_ungated_fleet_budget_arms_known_processes_on_the_tick_and_lets_them_go() {
+    let (mut s, cell) = fleet_stage("closed", false);
+    let (subject, info) = bot(42);
+    s.on_process(subject, &info);
+    assert!(s.take_commands().is_empty(), "not gated");
+    *cell.lock().expect("lock") = answered(0.5, S);
+    s.tick(2 * S);
+    assert!(s.take_commands().is_empty(), "under the budget");
+    *cell.lock().expect("lock") = answered(3.0, 3 * S);
+    s.tick(4 * S);
+    assert_eq!(s.take_commands(), vec![Command::Block { tgid: 42, signal: SIGKILL, gate: false }]);
+    s.tick(5 * S);
+    assert!(s.take_commands().is_empty(), "armed once");
+    *cell.lock().expect("lock") = answered(0.1, 6 * S);
+    s.tick(7 * S);
+    assert_eq!(s.take_commands(), vec![Command::Unblock { tgid: 42, gate: false }]);
+}
