@@ -45,6 +45,7 @@ pub async fn run(mut config: Config, config_path: Option<PathBuf>, listen: Optio
     );
     let mut pipeline = Pipeline::new(&config, Box::new(processes), monotonic_ns, &mut registry)?;
     pipeline.start_fleet_budgets(monotonic_ns);
+    let otlp = config.otlp.as_ref().map(|c| crate::export::otlp::OtlpExporter::start(c, realtime_offset_ns, &mut registry)).transpose()?;
     let proc_root = config.attribution.host_root.join("proc");
     let cgroups = CgroupFs::new(config.attribution.host_root.join("sys/fs/cgroup"));
     let hold_timeout = Duration::from_millis(config.enforcement.hold_timeout_ms);
@@ -92,6 +93,9 @@ pub async fn run(mut config: Config, config_path: Option<PathBuf>, listen: Optio
             event = events.recv() => match event {
                 Some(event) => {
                     for done in pipeline.feed(&event) {
+                        if let Some(otlp) = &otlp {
+                            otlp.send(done);
+                        }
                         let (c, who) = (&done.metered.call, &done.who);
                         tracing::debug!(
                             call_id = %done.call_id(), pid = who.pid, exe = %who.exe, agent = %who.agent, workflow = %who.workflow,
@@ -152,6 +156,10 @@ pub async fn run(mut config: Config, config_path: Option<PathBuf>, listen: Optio
     // Nothing stays paused, frozen or throttled after the agent.
     executor.release_all();
     heart.stop();
+    // Spans and metrics still queued go out, within a bound.
+    if let Some(otlp) = otlp {
+        otlp.shutdown(Duration::from_secs(3));
+    }
     // Each uprobe's detach waits for the kernel (~0.1 s, serialized on a global
     // lock), so exit takes a moment per hooked function; nothing is left behind.
     tracing::info!("stopping; probes detach as the agent exits");

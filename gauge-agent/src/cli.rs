@@ -41,6 +41,25 @@ pub enum Command {
         #[arg(long)]
         token_file: Option<PathBuf>,
     },
+    /// A live view of the agents the running daemon meters (from its /metrics).
+    ///
+    /// Per agent: spend and its rate, tokens, retries, errors, policy actions,
+    /// anomalies, forecasts; and the capture's health. Quit with q, Esc or Ctrl-C.
+    Top {
+        /// Address of the running daemon.
+        #[arg(long, default_value = "127.0.0.1:9977")]
+        listen: SocketAddr,
+        /// Seconds between scrapes (the spend rate is the change between two).
+        #[arg(long, default_value_t = 2.0, value_parser = parse_interval)]
+        interval: f64,
+        /// File holding the daemon's read token (its server.metrics_token_file), if set.
+        #[arg(long)]
+        token_file: Option<PathBuf>,
+        /// Print one plain-text table and exit (for scripts; no spend rate, which
+        /// needs two scrapes). Exits non-zero when the daemon cannot be read.
+        #[arg(long)]
+        once: bool,
+    },
     /// Capture events to a file (JSON Lines, credentials redacted) until Ctrl-C.
     Record {
         /// File to write.
@@ -109,4 +128,33 @@ pub enum Command {
         #[arg(long)]
         forbidden_syscall: bool,
     },
+}
+
+/// `--interval`: seconds, at least 0.1 (a tighter loop would only load the daemon).
+fn parse_interval(text: &str) -> Result<f64, String> {
+    let secs: f64 = text.parse().map_err(|_| format!("{text:?} is not a number of seconds"))?;
+    if !(0.1..=3600.0).contains(&secs) {
+        return Err("the interval must be between 0.1 and 3600 seconds".into());
+    }
+    Ok(secs)
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory as _;
+
+    use super::Cli;
+
+    /// `--help` explains every command and every flag.
+    #[test]
+    fn every_command_and_flag_has_help() {
+        let cli = Cli::command();
+        cli.clone().debug_assert();
+        for command in cli.get_subcommands().filter(|c| !c.is_hide_set()) {
+            assert!(command.get_about().is_some(), "`{}` has no help", command.get_name());
+            for arg in command.get_arguments().filter(|a| !a.is_hide_set()) {
+                assert!(arg.get_help().is_some(), "`{} --{}` has no help", command.get_name(), arg.get_id());
+            }
+        }
+    }
 }

@@ -46,6 +46,9 @@ pub struct Config {
     pub enforcement: EnforcementConfig,
     #[serde(default)]
     pub anomaly: AnomalyConfig,
+    /// `[otlp]`: export of each LLM call as an OpenTelemetry span and GenAI metrics; off when absent.
+    #[serde(default)]
+    pub otlp: Option<crate::export::otlp::OtlpConfig>,
 }
 
 /// Deserializes a duration written like "500ms", "60s", "1h" or "30d", so that a bad
@@ -211,6 +214,9 @@ impl Config {
             }
         }
         if let Err((key, reason)) = self.anomaly.validate() {
+            return Err(invalid(key, String::new(), reason));
+        }
+        if let Some(Err((key, reason))) = self.otlp.as_ref().map(crate::export::otlp::OtlpConfig::validate) {
             return Err(invalid(key, String::new(), reason));
         }
         let mut names = std::collections::HashSet::new();

@@ -15,6 +15,7 @@ pub mod config_watch;
 pub mod export;
 pub mod source;
 pub mod telemetry;
+pub mod top;
 pub mod http;
 pub mod lifecycle;
 pub mod llm;

@@ -36,6 +36,9 @@ fn main() -> anyhow::Result<()> {
             let filter = gauge_agent::source::recording::Filter::new(pid, comm);
             runtime.block_on(app::record(config, &output, filter, duration.map(Duration::from_secs), !no_redact))
         }
+        Command::Top { listen, interval, token_file, once } => {
+            gauge_agent::top::run(listen, Duration::from_secs_f64(interval), token_file.as_deref(), once)
+        }
         Command::Targets { listen, json, token_file } => app::targets(listen, json, token_file.as_deref()),
         Command::Outcome { agent, name, count, value, listen, token_file } => {
             let report = gauge_agent::metering::outcomes::OutcomeReport { agent, outcome: name, count, value };

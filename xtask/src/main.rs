@@ -1,5 +1,6 @@
 //! `cargo xtask`: set-up, build, run and test. Orchestration only.
 
+mod demo;
 mod fuzz;
 mod setup;
 
@@ -20,19 +21,41 @@ enum Cmd {
     /// Install what building the eBPF programs needs (idempotent; Debian/Ubuntu, root).
     Setup,
     /// Set up if needed, build release, and run `gauge-agent run` with the embedded
-    /// default config. Arguments after `--` go to `gauge-agent run`.
+    /// default config.
     Run {
+        /// Arguments for `gauge-agent run`, after `--` (e.g. `-- --config FILE --dry-run`).
         #[arg(last = true)]
         args: Vec<String>,
     },
-    /// Run every fuzz target (cargo-fuzz, nightly) for a while each, seeded from
-    /// fuzz/corpus; a crash fails the run and leaves its input in fuzz/artifacts.
+    /// Run every fuzz target (cargo-fuzz) for a while each.
+    ///
+    /// Seeded from fuzz/corpus; a crash fails the run and leaves its input in
+    /// fuzz/artifacts.
     Fuzz {
         /// Seconds per target.
         #[arg(long, default_value_t = 60)]
         seconds: u64,
         /// Targets to run (default: all).
         targets: Vec<String>,
+    },
+    /// Gauge end to end with no API key: spend, a retry storm and a policy acting.
+    ///
+    /// A local mock provider, a sample agent loop on the real openai SDK (normal
+    /// calls, then a retry storm), the daemon with a retry-cap policy that pauses it,
+    /// and `gauge-agent top` until you quit (q). Needs root; stops everything and
+    /// removes its temp dir on exit.
+    Demo {
+        /// Run without `top`: wait until the daemon has metered the sample agent's
+        /// spend, its retry storm and the policy's pause, print `gauge-agent top
+        /// --once`, stop. Fails if any is not seen in time (a check for CI).
+        #[arg(long)]
+        headless: bool,
+        /// With --headless: the most seconds to wait for all three.
+        #[arg(long, default_value_t = 60, requires = "headless")]
+        seconds: u64,
+        /// Use the agent already built in target/release (skip set-up and the build).
+        #[arg(long)]
+        no_build: bool,
     },
     /// Set up if needed, build, and run every test, the kernel tests included.
     Test {
@@ -59,6 +82,7 @@ fn main() -> anyhow::Result<()> {
             exit_with(status)
         }
         Cmd::Fuzz { seconds, targets } => fuzz::run(seconds, &targets),
+        Cmd::Demo { headless, seconds, no_build } => demo::run(headless, seconds, no_build),
         Cmd::Test { args } => {
             setup::run()?;
             setup::test_dependencies()?;
@@ -98,5 +122,25 @@ fn exit_with(status: std::process::ExitStatus) -> anyhow::Result<()> {
         Ok(())
     } else {
         bail!("gauge-agent exited with {status}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory as _;
+
+    use super::Cli;
+
+    /// `--help` explains every command and every flag.
+    #[test]
+    fn every_command_and_flag_has_help() {
+        let cli = Cli::command();
+        cli.clone().debug_assert();
+        for command in cli.get_subcommands() {
+            assert!(command.get_about().is_some(), "`{}` has no help", command.get_name());
+            for arg in command.get_arguments() {
+                assert!(arg.get_help().is_some(), "`{} {}` has no help", command.get_name(), arg.get_id());
+            }
+        }
     }
 }

@@ -10,8 +10,9 @@ use anyhow::{Context as _, bail};
 
 const BUILD_PACKAGES: [&str; 4] = ["rustc-web", "cargo-web", "libstd-rust-web-dev-bpf", "llvm-22-dev"];
 /// Clients and tools the kernel tests drive (`prometheus`: the server and `promtool`
-/// that `tests/tests/prometheus.rs` runs against `deploy/prometheus/`).
-const TEST_PACKAGES: [&str; 4] = ["curl", "openssl", "ca-certificates", "prometheus"];
+/// that `tests/tests/prometheus.rs` runs against `deploy/prometheus/`; `tmux`: the
+/// terminal `tests/tests/top.rs` runs `gauge-agent top` in).
+const TEST_PACKAGES: [&str; 5] = ["curl", "openssl", "ca-certificates", "prometheus", "tmux"];
 const TOOLCHAIN: &str = "debian-bpf";
 const BPF_LINKER: &str = "0.13.0";
 

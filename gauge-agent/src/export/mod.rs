@@ -1,4 +1,5 @@
 //! Exporting what Gauge measured: Prometheus metrics and the HTTP listener.
 
 pub mod metrics;
+pub mod otlp;
 pub mod server;

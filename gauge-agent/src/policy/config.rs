@@ -138,21 +138,16 @@ impl TryFrom<RawPrometheusSpend> for PrometheusSpend {
     }
 }
 
-/// `http://host[:port][/prefix]`, checked where written. Plain HTTP only: the agent
-/// is built without a TLS client; reach a remote Prometheus over HTTPS through a
-/// local proxy (see README, Guardrails).
+/// `http[s]://host[:port][/prefix]`, checked where written. https is verified against
+/// Mozilla's root CAs, built in (as for `[otlp]`).
 struct PrometheusUrl(String);
 
 impl<'de> Deserialize<'de> for PrometheusUrl {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let text = String::deserialize(d)?;
         let fail = |why: &str| serde::de::Error::custom(format!("url {text:?}: {why}"));
-        let Some(rest) = text.strip_prefix("http://") else {
-            return Err(fail(if text.starts_with("https://") {
-                "https is not supported (the agent has no TLS client): use plain http to a local Prometheus, or a local TLS proxy"
-            } else {
-                "must start with http://"
-            }));
+        let Some(rest) = text.strip_prefix("http://").or_else(|| text.strip_prefix("https://")) else {
+            return Err(fail("must start with http:// or https://"));
         };
         let host = rest.split('/').next().unwrap_or_default();
         if host.is_empty() {
@@ -382,13 +377,15 @@ mod tests {
         assert_eq!(p.validate(), Ok(()));
         let p = fleet("url = \"http://10.0.0.1:9090/prom\"\nquery = 'sum(x)'\nrefresh = \"1m\"\ntimeout = \"5s\"\non_error = \"closed\"\ntoken_file = \"/etc/gauge/prom-token\"\n").expect("parses");
         assert_eq!(p.prometheus.map(|p| (p.on_error, p.token_file)), Some((OnError::Closed, Some("/etc/gauge/prom-token".into()))));
+        let p = fleet("url = \"https://prom.example/\"\nquery = 'sum(x)'\n").expect("https parses");
+        assert_eq!(p.prometheus.map(|p| p.url), Some("https://prom.example".into()));
     }
 
     #[test]
     fn fleet_budget_mistakes_are_named_where_written() {
         for (table, line, words) in [
-            ("url = \"https://prom:9090\"\nquery = 'x'\n", 8, "https is not supported"),
-            ("url = \"prom:9090\"\nquery = 'x'\n", 8, "must start with http://"),
+            ("url = \"prom:9090\"\nquery = 'x'\n", 8, "must start with http:// or https://"),
+            ("url = \"https://\"\nquery = 'x'\n", 8, "names no host"),
             ("url = \"http://user:pw@prom\"\nquery = 'x'\n", 8, "token_file"),
             ("url = \"http://prom\"\nquery = 'x'\non_error = \"maybe\"\n", 10, "open"),
             ("url = \"http://prom\"\nquery = 'x'\nrefresh = \"soon\"\n", 10, "not a duration"),
