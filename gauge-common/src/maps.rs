@@ -31,6 +31,16 @@ pub mod programs {
     pub const SSL_READ_EX_RETURN: &str = "ssl_read_ex_return";
     pub const SSL_SHUTDOWN_ENTRY: &str = "ssl_shutdown_entry";
     pub const SSL_FREE_ENTRY: &str = "ssl_free_entry";
+    pub const GNUTLS_SEND_ENTRY: &str = "gnutls_send_entry";
+    pub const GNUTLS_SEND_RETURN: &str = "gnutls_send_return";
+    pub const GNUTLS_RECV_ENTRY: &str = "gnutls_recv_entry";
+    pub const GNUTLS_RECV_RETURN: &str = "gnutls_recv_return";
+    pub const GNUTLS_CLOSE_ENTRY: &str = "gnutls_close_entry";
+    pub const GO_TLS_WRITE_ENTRY: &str = "go_tls_write_entry";
+    pub const GO_TLS_WRITE_RETURN: &str = "go_tls_write_return";
+    pub const GO_TLS_READ_ENTRY: &str = "go_tls_read_entry";
+    pub const GO_TLS_READ_RETURN: &str = "go_tls_read_return";
+    pub const GO_TLS_CLOSE_ENTRY: &str = "go_tls_close_entry";
     pub const SCHED_PROCESS_EXEC: &str = "sched_process_exec";
     /// The start-up canary's no-op return probe.
     pub const CANARY_RETURN: &str = "canary_return";

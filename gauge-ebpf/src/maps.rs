@@ -30,6 +30,23 @@ pub static WRITE_ARGS: LruHashMap<u64, SavedCall> = LruHashMap::with_max_entries
 #[map]
 pub static READ_ARGS: LruHashMap<u64, SavedCall> = LruHashMap::with_max_entries(16384, 0);
 
+/// Go `crypto/tls` calls in flight, keyed by goroutine (see `probes/gotls.rs`).
+#[map]
+pub static GO_WRITE_ARGS: LruHashMap<GoCall, SavedCall> = LruHashMap::with_max_entries(16384, 0);
+
+#[map]
+pub static GO_READ_ARGS: LruHashMap<GoCall, SavedCall> = LruHashMap::with_max_entries(16384, 0);
+
+/// A goroutine of a process: Go heaps sit at the same addresses in every process,
+/// so the `g` pointer alone is not unique on the host.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct GoCall {
+    pub tgid: u32,
+    pub _pad: u32,
+    pub goroutine: u64,
+}
+
 /// Processes under a policy (tgid -> what to enforce); written by user space only.
 #[map]
 pub static ENFORCE: HashMap<u32, Enforcement> = HashMap::with_max_entries(16384, 0);

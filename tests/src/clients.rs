@@ -44,6 +44,47 @@ pub fn node(ca: &Path, script: &str) -> Command {
     cmd
 }
 
+/// GnuTLS's own client (`gnutls-cli`, Debian's gnutls-bin) sending `request` as
+/// typed on its stdin to `127.0.0.1:port`, trusting `ca`; returns (pid, output).
+/// Its stdout holds the response. Its stdin stays open until it exits (the server
+/// closes: send `Connection: close`), since at end of input it would quit at once,
+/// before the response came.
+pub fn gnutls_cli(ca: &Path, port: u16, request: &[u8], env: &[(&str, &str)]) -> (u32, Output) {
+    let child = Command::new("gnutls-cli")
+        .arg("--x509cafile")
+        .arg(ca)
+        .args(["-p", &port.to_string(), "127.0.0.1"])
+        .envs(env.iter().copied())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn();
+    let mut child = child.unwrap_or_else(|e| panic!("cannot start gnutls-cli (apt-get install gnutls-bin): {e}"));
+    let pid = child.id();
+    let mut stdin = child.stdin.take().expect("stdin");
+    stdin.write_all(request).expect("write the request to gnutls-cli");
+    let (stdout, stderr) = (drain(child.stdout.take()), drain(child.stderr.take()));
+    let status = crate::agent::wait_timeout(&mut child, std::time::Duration::from_secs(30));
+    drop(stdin);
+    let status = status.unwrap_or_else(|| {
+        let _ = child.kill();
+        child.wait().expect("reap gnutls-cli")
+    });
+    let output = Output { status, stdout: stdout.join().unwrap_or_default(), stderr: stderr.join().unwrap_or_default() };
+    (pid, checked("gnutls-cli", Ok(output)))
+}
+
+/// Reads a child's pipe to its end on a thread of its own.
+fn drain<R: std::io::Read + Send + 'static>(pipe: Option<R>) -> std::thread::JoinHandle<Vec<u8>> {
+    std::thread::spawn(move || {
+        let mut bytes = Vec::new();
+        if let Some(mut pipe) = pipe {
+            let _ = pipe.read_to_end(&mut bytes);
+        }
+        bytes
+    })
+}
+
 /// A started client that waits for a line on stdin before it connects, so a test
 /// can make sure the agent is attached first.
 pub struct Held {

@@ -1,5 +1,6 @@
 //! The real eBPF capture against real TLS clients (curl, python `ssl`, node's static
-//! OpenSSL), compared byte for byte with what a local TLS server saw.
+//! OpenSSL, GnuTLS's gnutls-cli), compared byte for byte with what a local TLS
+//! server saw.
 
 use gauge_agent::source::CaptureEvent;
 use gauge_tests::{
@@ -62,6 +63,25 @@ conn.request("POST", os.environ["GAUGE_TEST_PATH"], body=body, headers={"Content
 data = conn.getresponse().read()
 print(len(data))
 "#;
+
+#[test]
+fn gnutls_record_send_and_recv_are_captured_byte_for_byte() {
+    if !kernel_tests_enabled("gnutls-cli") {
+        return;
+    }
+    let server = MockTls::start();
+    let recorder = shared_recorder();
+    let request = b"POST /size/3000 HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 25\r\n\r\n{\"model\":\"gpt-4o-mini\"}\n\n";
+    let (pid, out) = clients::gnutls_cli(&server.ca_file, server.addr.port(), request, &[]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("200 OK"), "{}", String::from_utf8_lossy(&out.stdout));
+    let exchanges = server.wait_exchanges(1);
+    let captured = captured_exchanges(recorder, pid, &exchanges);
+    let stream = captured.iter().find(|s| s.written == exchanges[0].received).expect("the connection");
+    assert_same(stream, &exchanges[0]);
+    assert!(String::from_utf8_lossy(&stream.written).starts_with("POST /size/3000 HTTP/1.1\r\n"));
+    // gnutls_bye / gnutls_deinit end the session.
+    recorder.wait_until("close of gnutls-cli's session", |events| streams(events, pid).values().any(|s| s.closed));
+}
 
 fn python_post(server: &MockTls, path: &str, body: usize) -> u32 {
     let mut cmd = clients::python(&server.ca_file, PYTHON_POST);

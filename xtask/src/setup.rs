@@ -11,8 +11,9 @@ use anyhow::{Context as _, bail};
 const BUILD_PACKAGES: [&str; 4] = ["rustc-web", "cargo-web", "libstd-rust-web-dev-bpf", "llvm-22-dev"];
 /// Clients and tools the kernel tests drive (`prometheus`: the server and `promtool`
 /// that `tests/tests/prometheus.rs` runs against `deploy/prometheus/`; `tmux`: the
-/// terminal `tests/tests/top.rs` runs `gauge-agent top` in).
-const TEST_PACKAGES: [&str; 5] = ["curl", "openssl", "ca-certificates", "prometheus", "tmux"];
+/// terminal `tests/tests/top.rs` runs `gauge-agent top` in; `gnutls-bin`: GnuTLS's
+/// own client; `golang-go`: the Go client built by the tests of Go's crypto/tls).
+const TEST_PACKAGES: [&str; 7] = ["curl", "openssl", "ca-certificates", "prometheus", "tmux", "gnutls-bin", "golang-go"];
 const TOOLCHAIN: &str = "debian-bpf";
 const BPF_LINKER: &str = "0.13.0";
 

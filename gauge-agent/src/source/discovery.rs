@@ -1,4 +1,4 @@
-//! Finding the files to hook: shared `libssl` from the linker cache, libraries and
+//! Finding the files to hook: shared `libssl` and `libgnutls` from the linker cache, libraries and
 //! executables mapped by running processes, and those of processes that start later
 //! (exec events). Each file is inspected once, identified by device and inode, so a
 //! library shared by a thousand processes, or reached through several paths, is
@@ -149,13 +149,13 @@ pub fn mapped_executables(maps: &str) -> Vec<String> {
     paths
 }
 
-/// `libssl` paths in `ldconfig -p` output.
-pub fn linker_cache_libssl(ldconfig: &str) -> Vec<PathBuf> {
+/// `libssl` and `libgnutls` paths in `ldconfig -p` output.
+pub fn linker_cache_tls_libraries(ldconfig: &str) -> Vec<PathBuf> {
     ldconfig
         .lines()
         .filter_map(|line| {
             let (name, path) = line.trim().split_once(" => ")?;
-            name.starts_with("libssl.so").then(|| PathBuf::from(path.trim()))
+            (name.starts_with("libssl.so") || name.starts_with("libgnutls.so")).then(|| PathBuf::from(path.trim()))
         })
         .collect()
 }
@@ -202,7 +202,7 @@ pub fn startup_candidates(extra: &[PathBuf]) -> Vec<Candidate> {
         .or_else(|_| std::process::Command::new("/sbin/ldconfig").arg("-p").output())
         .map(|out| String::from_utf8_lossy(&out.stdout).into_owned())
         .unwrap_or_default();
-    let cache = linker_cache_libssl(&ldconfig).into_iter().map(|path| Candidate {
+    let cache = linker_cache_tls_libraries(&ldconfig).into_iter().map(|path| Candidate {
         display_path: path.display().to_string(),
         open_path: path,
         reason: Reason::LinkerCache,
@@ -238,12 +238,15 @@ mod tests {
     }
 
     #[test]
-    fn linker_cache_lists_only_libssl() {
-        let text = "3 libs found in cache `/etc/ld.so.cache'\n\
+    fn linker_cache_lists_only_libssl_and_libgnutls() {
+        let text = "5 libs found in cache `/etc/ld.so.cache'\n\
             \tlibssl3.so (libc6,x86-64) => /lib/x86_64-linux-gnu/libssl3.so\n\
             \tlibssl.so.3 (libc6,x86-64) => /lib/x86_64-linux-gnu/libssl.so.3\n\
+            \tlibgnutls.so.30 (libc6,x86-64) => /lib/x86_64-linux-gnu/libgnutls.so.30\n\
+            \tlibgnutls-dane.so.0 (libc6,x86-64) => /lib/x86_64-linux-gnu/libgnutls-dane.so.0\n\
             \tlibc.so.6 (libc6,x86-64) => /lib/x86_64-linux-gnu/libc.so.6\n";
-        assert_eq!(linker_cache_libssl(text), vec![PathBuf::from("/lib/x86_64-linux-gnu/libssl.so.3")]);
+        let want = ["/lib/x86_64-linux-gnu/libssl.so.3", "/lib/x86_64-linux-gnu/libgnutls.so.30"].map(PathBuf::from);
+        assert_eq!(linker_cache_tls_libraries(text), want);
     }
 
     fn candidate(path: &str) -> Candidate {

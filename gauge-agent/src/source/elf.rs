@@ -1,13 +1,19 @@
 //! Finding TLS library entry points in ELF files (shared libraries and executables
-//! that link OpenSSL/BoringSSL statically), as file offsets for uprobes.
+//! that link OpenSSL/BoringSSL statically; GnuTLS; Go's crypto/tls), as file offsets
+//! for uprobes.
 
 use std::{collections::BTreeMap, fs::File, path::Path};
 
-use object::{Object, ObjectSegment, ObjectSymbol};
+use object::{Object, ObjectSection, ObjectSegment, ObjectSymbol};
 
-/// The functions Gauge hooks, in the order they are looked up.
+use super::golang;
+
+/// OpenSSL's (and BoringSSL's) functions Gauge hooks.
 pub const OPENSSL_SYMBOLS: [&str; 6] =
     ["SSL_write", "SSL_read", "SSL_write_ex", "SSL_read_ex", "SSL_shutdown", "SSL_free"];
+/// GnuTLS's. `gnutls_record_send` tail-calls `gnutls_record_send2` (3.6.3 on): where
+/// both exist only `send2` is kept, so no write is seen twice.
+pub const GNUTLS_SYMBOLS: [&str; 5] = ["gnutls_record_send2", "gnutls_record_send", "gnutls_record_recv", "gnutls_bye", "gnutls_deinit"];
 
 #[derive(Debug, thiserror::Error)]
 pub enum ElfError {
@@ -17,17 +23,24 @@ pub enum ElfError {
     Parse { path: String, reason: String },
 }
 
-/// Entry points found in one file: symbol name -> file offset of its first instruction.
+/// Entry points found in one file: symbol name -> file offset of its first instruction
+/// (for Go functions, of the first past the stack check).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct TlsSymbols {
     pub offsets: BTreeMap<&'static str, u64>,
+    /// Go functions only: file offsets of their RET instructions, probed instead of
+    /// a uretprobe.
+    pub returns: BTreeMap<&'static str, Vec<u64>>,
 }
 
 impl TlsSymbols {
     /// A file is worth hooking when both directions can be seen.
     pub fn is_hookable(&self) -> bool {
-        self.offsets.contains_key("SSL_write") && self.offsets.contains_key("SSL_read")
-            || self.offsets.contains_key("SSL_write_ex") && self.offsets.contains_key("SSL_read_ex")
+        let has = |name| self.offsets.contains_key(name);
+        has("SSL_write") && has("SSL_read")
+            || has("SSL_write_ex") && has("SSL_read_ex")
+            || (has("gnutls_record_send2") || has("gnutls_record_send")) && has("gnutls_record_recv")
+            || has(golang::WRITE) && has(golang::READ)
     }
 }
 
@@ -55,13 +68,26 @@ pub fn inspect_bytes(data: &[u8]) -> Result<TlsSymbols, String> {
         let Ok(name) = symbol.name() else { continue };
         // Versioned names (`SSL_write@@OPENSSL_3.0.0`) appear in some tables.
         let name = name.split('@').next().unwrap_or(name);
-        let Some(wanted) = OPENSSL_SYMBOLS.iter().find(|s| **s == name) else { continue };
+        let Some(wanted) = OPENSSL_SYMBOLS.iter().chain(&GNUTLS_SYMBOLS).chain(&golang::SYMBOLS).find(|s| **s == name) else { continue };
         if found.offsets.contains_key(wanted) {
             continue;
         }
-        if let Some(offset) = file_offset(&elf, symbol.address()) {
+        if golang::SYMBOLS.contains(wanted) {
+            add_go_function(&elf, &mut found, wanted, symbol.address(), symbol.size());
+        } else if let Some(offset) = file_offset(&elf, symbol.address()) {
             found.offsets.insert(wanted, offset);
         }
+    }
+    // A Go binary stripped of .symtab still has its function table.
+    if !found.offsets.contains_key(golang::WRITE)
+        && let Some(table) = elf.section_by_name(".gopclntab").and_then(|s| s.data().ok())
+    {
+        for (name, address, size) in golang::pclntab_functions(table, &golang::SYMBOLS) {
+            add_go_function(&elf, &mut found, name, address, size);
+        }
+    }
+    if found.offsets.contains_key("gnutls_record_send2") {
+        found.offsets.remove("gnutls_record_send");
     }
     Ok(found)
 }
@@ -79,6 +105,25 @@ pub fn function_offset(path: &Path, name: &str) -> Result<Option<u64>, ElfError>
         .chain(elf.symbols())
         .find(|s| s.is_definition() && s.kind() == object::SymbolKind::Text && s.name() == Ok(name));
     Ok(symbol.and_then(|s| file_offset(&elf, s.address())))
+}
+
+/// Adds the probe points of the Go function at `address` (`size` bytes), decoded from
+/// its bytes; nothing when it cannot be decoded.
+fn add_go_function(elf: &object::File<'_>, found: &mut TlsSymbols, name: &'static str, address: u64, size: u64) {
+    let Some(function) = code_at(elf, address, size).and_then(|code| golang::function(code, address)) else { return };
+    let returns: Option<Vec<u64>> = function.returns.iter().map(|r| file_offset(elf, address + r)).collect();
+    if let (Some(entry), Some(returns)) = (file_offset(elf, address + function.body), returns) {
+        found.offsets.insert(name, entry);
+        found.returns.insert(name, returns);
+    }
+}
+
+/// The `size` bytes at virtual address `address`, from the section holding them.
+fn code_at<'a>(elf: &object::File<'a>, address: u64, size: u64) -> Option<&'a [u8]> {
+    let section = elf.sections().find(|s| address >= s.address() && address - s.address() < s.size())?;
+    let data = section.data().ok()?;
+    let start = usize::try_from(address - section.address()).ok()?;
+    data.get(start..start.checked_add(usize::try_from(size).ok()?)?)
 }
 
 /// Uprobes take file offsets: translate a virtual address through its load segment.
@@ -116,6 +161,18 @@ mod tests {
         }
         let symbols = inspect(path).expect("node parses");
         assert!(symbols.is_hookable(), "node links OpenSSL statically: {symbols:?}");
+    }
+
+    #[test]
+    fn gnutls_is_hooked_at_send2_recv_bye_and_deinit() {
+        let path = Path::new("/usr/lib/x86_64-linux-gnu/libgnutls.so.30");
+        if !path.exists() {
+            return; // GnuTLS is not installed; the kernel test (gnutls-cli) needs it.
+        }
+        let symbols = inspect(path).expect("libgnutls parses");
+        assert!(symbols.is_hookable());
+        let names: Vec<&str> = symbols.offsets.keys().copied().collect();
+        assert_eq!(names, ["gnutls_bye", "gnutls_deinit", "gnutls_record_recv", "gnutls_record_send2"], "send is a tail call into send2: only send2");
     }
 
     #[test]

@@ -17,7 +17,7 @@ use gauge_common::{
     tls::{self, stat},
 };
 
-use super::elf::TlsSymbols;
+use super::{elf::TlsSymbols, golang};
 
 /// The eBPF object built by `build.rs`; empty when built with `GAUGE_EBPF_STUB=1`.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/gauge-ebpf"));
@@ -26,13 +26,26 @@ static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"),
 /// without the return one) for every hooked function. A read's entry only saves
 /// the buffer for its return; a write's entry emits the bytes itself when return
 /// probes are off.
-const HOOKS: [(&str, &str, Option<&str>, bool); 6] = [
+const HOOKS: [(&str, &str, Option<&str>, bool); 11] = [
     ("SSL_write", prog::SSL_WRITE_ENTRY, Some(prog::SSL_WRITE_RETURN), true),
     ("SSL_write_ex", prog::SSL_WRITE_EX_ENTRY, Some(prog::SSL_WRITE_EX_RETURN), true),
     ("SSL_read", prog::SSL_READ_ENTRY, Some(prog::SSL_READ_RETURN), false),
     ("SSL_read_ex", prog::SSL_READ_EX_ENTRY, Some(prog::SSL_READ_EX_RETURN), false),
     ("SSL_shutdown", prog::SSL_SHUTDOWN_ENTRY, None, true),
     ("SSL_free", prog::SSL_FREE_ENTRY, None, true),
+    ("gnutls_record_send2", prog::GNUTLS_SEND_ENTRY, Some(prog::GNUTLS_SEND_RETURN), true),
+    ("gnutls_record_send", prog::GNUTLS_SEND_ENTRY, Some(prog::GNUTLS_SEND_RETURN), true),
+    ("gnutls_record_recv", prog::GNUTLS_RECV_ENTRY, Some(prog::GNUTLS_RECV_RETURN), false),
+    ("gnutls_bye", prog::GNUTLS_CLOSE_ENTRY, None, true),
+    ("gnutls_deinit", prog::GNUTLS_CLOSE_ENTRY, None, true),
+];
+
+/// Go's crypto/tls: (symbol, entry program, program for each of its RETs). Plain
+/// uprobes all, so they are attached whether return probes are on or off.
+const GO_HOOKS: [(&str, &str, Option<&str>); 3] = [
+    (golang::WRITE, prog::GO_TLS_WRITE_ENTRY, Some(prog::GO_TLS_WRITE_RETURN)),
+    (golang::READ, prog::GO_TLS_READ_ENTRY, Some(prog::GO_TLS_READ_RETURN)),
+    (golang::CLOSE, prog::GO_TLS_CLOSE_ENTRY, None),
 ];
 
 /// The programs of one hook that are loaded and attached.
@@ -42,6 +55,19 @@ fn hook_programs(
 ) -> impl Iterator<Item = &'static str> {
     let entry = (return_probes || alone).then_some(entry);
     entry.into_iter().chain(ret.filter(|_| return_probes))
+}
+
+/// Every program some hook uses, once (GnuTLS's send and close programs serve two
+/// symbols each).
+fn programs_to_load(return_probes: bool) -> Vec<&'static str> {
+    let mut names: Vec<&'static str> = Vec::new();
+    let go = GO_HOOKS.into_iter().flat_map(|(_, entry, ret)| std::iter::once(entry).chain(ret));
+    for name in HOOKS.into_iter().flat_map(|hook| hook_programs(hook, return_probes)).chain(go) {
+        if !names.contains(&name) {
+            names.push(name);
+        }
+    }
+    names
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -99,10 +125,8 @@ impl KernelCapture {
             .override_global(GLOBAL_MAX_CALL_BYTES, &max_call, true)
             .override_global(GLOBAL_WRITE_AT_ENTRY, &write_at_entry, true)
             .load(EBPF_OBJECT)?;
-        for hook in HOOKS {
-            for name in hook_programs(hook, options.return_probes) {
-                uprobe(&mut ebpf, name)?.load().map_err(|source| KernelError::Program { name, source })?;
-            }
+        for name in programs_to_load(options.return_probes) {
+            uprobe(&mut ebpf, name)?.load().map_err(|source| KernelError::Program { name, source })?;
         }
         let name = prog::SCHED_PROCESS_EXEC;
         let exec: &mut RawTracePoint = program(&mut ebpf, name)?;
@@ -129,6 +153,22 @@ impl KernelCapture {
                     Ok(_) => attached += 1,
                     Err(error) => {
                         first_error.get_or_insert_with(|| format!("{symbol}: {}", chain(&error)));
+                    }
+                }
+            }
+        }
+        for (symbol, entry, ret) in GO_HOOKS {
+            let Some(&offset) = symbols.offsets.get(symbol) else { continue };
+            let returns = symbols.returns.get(symbol).map(Vec::as_slice).unwrap_or_default();
+            let points = std::iter::once((entry, offset)).chain(ret.into_iter().flat_map(|ret| returns.iter().map(move |r| (ret, *r))));
+            for (name, offset) in points {
+                let result = uprobe(&mut self.ebpf, name).and_then(|p| {
+                    p.attach(offset, path, UProbeScope::AllProcesses).map_err(|source| KernelError::Program { name, source })
+                });
+                match result {
+                    Ok(_) => attached += 1,
+                    Err(error) => {
+                        first_error.get_or_insert_with(|| format!("{symbol} at {offset:#x}: {}", chain(&error)));
                     }
                 }
             }
@@ -310,18 +350,26 @@ pub fn raise_memlock_rlimit() {
 mod tests {
     use super::*;
 
-    fn programs(return_probes: bool) -> Vec<&'static str> {
-        HOOKS.into_iter().flat_map(|hook| hook_programs(hook, return_probes)).collect()
-    }
-
     #[test]
     fn without_return_probes_only_entries_that_work_alone_are_attached() {
-        assert_eq!(programs(true).len(), 10);
-        let entries = programs(false);
+        assert_eq!(programs_to_load(true).len(), 20);
+        let entries = programs_to_load(false);
         assert_eq!(
             entries,
-            [prog::SSL_WRITE_ENTRY, prog::SSL_WRITE_EX_ENTRY, prog::SSL_SHUTDOWN_ENTRY, prog::SSL_FREE_ENTRY],
-            "no uretprobe, and no read entry whose saved buffer no return would use"
+            [
+                prog::SSL_WRITE_ENTRY,
+                prog::SSL_WRITE_EX_ENTRY,
+                prog::SSL_SHUTDOWN_ENTRY,
+                prog::SSL_FREE_ENTRY,
+                prog::GNUTLS_SEND_ENTRY,
+                prog::GNUTLS_CLOSE_ENTRY,
+                prog::GO_TLS_WRITE_ENTRY,
+                prog::GO_TLS_WRITE_RETURN,
+                prog::GO_TLS_READ_ENTRY,
+                prog::GO_TLS_READ_RETURN,
+                prog::GO_TLS_CLOSE_ENTRY,
+            ],
+            "no uretprobe, and no read entry whose saved buffer no return would use; Go's RET probes are plain uprobes"
         );
     }
 }

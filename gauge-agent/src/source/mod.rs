@@ -7,6 +7,7 @@
 pub mod discovery;
 pub mod elf;
 pub mod event;
+pub mod golang;
 pub mod hazards;
 pub mod kernel;
 pub mod recording;

@@ -1,3 +1,5 @@
 pub mod canary;
+pub mod gnutls;
+pub mod gotls;
 pub mod openssl;
 pub mod process;

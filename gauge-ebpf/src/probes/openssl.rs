@@ -25,7 +25,7 @@ use crate::{
     maps::{READ_ARGS, SavedCall, WRITE_ARGS, count, write_at_entry},
 };
 
-fn save(ctx: &ProbeContext, calls: &LruHashMap<u64, SavedCall>, len_out_arg: Option<usize>) -> SavedCall {
+pub(crate) fn save(ctx: &ProbeContext, calls: &LruHashMap<u64, SavedCall>, len_out_arg: Option<usize>) -> SavedCall {
     let call = SavedCall {
         ssl: ctx.arg::<u64>(0).unwrap_or(0),
         buf: ctx.arg::<u64>(1).unwrap_or(0),
@@ -38,7 +38,7 @@ fn save(ctx: &ProbeContext, calls: &LruHashMap<u64, SavedCall>, len_out_arg: Opt
 
 /// Entry of a write: saves the arguments and applies enforcement once per call
 /// (see `SavedCall::stopped`).
-fn write_entry(ctx: &ProbeContext, len_out_arg: Option<usize>, len: u64) {
+pub(crate) fn write_entry(ctx: &ProbeContext, len_out_arg: Option<usize>, len: u64) {
     if write_at_entry() {
         // Nothing is saved: no return probe would ever remove it, and a stale entry
         // would make the next write with the same buffer look like a restarted one
@@ -69,7 +69,7 @@ fn write_entry(ctx: &ProbeContext, len_out_arg: Option<usize>, len: u64) {
     }
 }
 
-fn take(calls: &LruHashMap<u64, SavedCall>) -> Option<SavedCall> {
+pub(crate) fn take(calls: &LruHashMap<u64, SavedCall>) -> Option<SavedCall> {
     let key = bpf_get_current_pid_tgid();
     // SAFETY: the value is copied out before the entry is removed.
     let call = unsafe { calls.get(key) }.copied();

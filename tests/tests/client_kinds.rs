@@ -1,0 +1,109 @@
+//! Every kind of TLS client is metered exactly, end to end: the real daemon and its
+//! probes, the mock provider (fixed usage), and clients that do not use the system
+//! libssl. A Go agent built here (Debian's golang-go, `tests/go/llm_client.go`)
+//! through `crypto/tls` over HTTP/1.1 and HTTP/2, plain and streamed, with and
+//! without its symbol table; and GnuTLS's own client, gnutls-cli.
+
+use std::{path::PathBuf, process::Command, sync::OnceLock, time::Duration};
+
+use gauge_tests::{
+    clients::{self, Held},
+    kernel_tests_enabled,
+    world::World,
+};
+
+/// The mock's usage per chat call: 21 prompt tokens of which 5 cached, 7 completion.
+const INPUT: f64 = 16.0;
+const CACHE_READ: f64 = 5.0;
+const OUTPUT: f64 = 7.0;
+
+/// The Go client, built once per test run: with its symbol table, and stripped of
+/// it (`-ldflags=-s -w`, as images often ship), found then by Go's function table.
+fn go_client(stripped: bool) -> &'static PathBuf {
+    static BUILT: OnceLock<(PathBuf, PathBuf)> = OnceLock::new();
+    let (full, bare) = BUILT.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("gauge-go-client-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("create the build dir");
+        let source = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("go/llm_client.go");
+        let build = |out: &PathBuf, flags: &[&str]| {
+            let mut go = Command::new("go");
+            go.arg("build").args(flags).arg("-o").arg(out).arg(&source).env("CGO_ENABLED", "0");
+            clients::run("go build (apt-get install golang-go)", &mut go);
+        };
+        let (full, bare) = (dir.join("llm_client"), dir.join("llm_client_stripped"));
+        build(&full, &[]);
+        build(&bare, &["-ldflags=-s -w"]);
+        (full, bare)
+    });
+    if stripped { bare } else { full }
+}
+
+fn run_go(world: &World, mode: &str, calls: u32, agent: &str) {
+    run_go_binary(world, go_client(false), mode, calls, agent);
+}
+
+fn run_go_binary(world: &World, binary: &PathBuf, mode: &str, calls: u32, agent: &str) {
+    let mut cmd = Command::new(binary);
+    cmd.args([mode, &calls.to_string()])
+        .env("GAUGE_TEST_PORT", world.mock.port.to_string())
+        .env("SSL_CERT_FILE", &world.cert)
+        .env("GAUGE_AGENT", agent);
+    let client = Held::start("go client", &mut cmd);
+    // Found at exec: it calls once the daemon says the file is hooked.
+    world.daemon.log.wait_for(&["attached", &binary.display().to_string()], Duration::from_secs(20));
+    let out = client.go(&format!("go client ({mode})"));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "ok");
+}
+
+#[test]
+fn go_crypto_tls_calls_are_metered_exactly_over_http1_and_http2() {
+    if !kernel_tests_enabled("Go crypto/tls") {
+        return;
+    }
+    let world = World::start("");
+    run_go(&world, "h1", 4, "go-h1-bot");
+    run_go(&world, "h2", 4, "go-h2-bot");
+    let (h1, h2) = ([("agent", "go-h1-bot")], [("agent", "go-h2-bot")]);
+    let m = world.scrape(&[(&h1, 4.0), (&h2, 4.0)]);
+    for labels in [&h1, &h2] {
+        m.check("gauge_llm_requests_total", labels, 4.0);
+        m.check("gauge_llm_requests_total", &[labels[0], ("status", "200"), ("model", "gpt-4o-mini-2024-07-18")], 4.0);
+        m.tokens(labels, &[("input", 4.0 * INPUT), ("cache_read", 4.0 * CACHE_READ), ("output", 4.0 * OUTPUT)]);
+    }
+    m.free_of("sk-go-test-secret");
+    let stripped = go_client(true);
+    let elf = std::fs::read(stripped).expect("read the stripped client");
+    assert!(!elf.windows(8).any(|w| w == b".symtab\0"), "the stripped client still has a .symtab");
+    run_go_binary(&world, stripped, "h1", 2, "go-stripped-bot");
+    let bare = [("agent", "go-stripped-bot")];
+    let m = world.scrape(&[(&bare, 2.0)]);
+    m.check("gauge_llm_requests_total", &[bare[0], ("status", "200")], 2.0);
+    m.tokens(&bare, &[("input", 2.0 * INPUT), ("cache_read", 2.0 * CACHE_READ), ("output", 2.0 * OUTPUT)]);
+    // `targets` names the Go binary with its entry and RET probes.
+    let (_, targets) = world.daemon.get("/targets").expect("targets");
+    let go = targets.split("},{").find(|t| t.contains("llm_client")).unwrap_or_else(|| panic!("no Go target in {targets}"));
+    assert!(go.contains("crypto/tls.(*Conn).Write") && go.contains("crypto/tls.(*Conn).Read"), "{go}");
+}
+
+#[test]
+fn gnutls_calls_are_metered_exactly() {
+    if !kernel_tests_enabled("GnuTLS") {
+        return;
+    }
+    let world = World::start("");
+    let body = r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi from gnutls"}]}"#;
+    let request = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer sk-gnutls-secret\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    for _ in 0..2 {
+        let (_, out) = clients::gnutls_cli(&world.cert, world.mock.port, request.as_bytes(), &[("GAUGE_AGENT", "gnutls-bot")]);
+        assert!(String::from_utf8_lossy(&out.stdout).contains("HTTP/1.1 200"), "{}", String::from_utf8_lossy(&out.stdout));
+    }
+    let labels = [("agent", "gnutls-bot")];
+    let m = world.scrape(&[(&labels, 2.0)]);
+    m.check("gauge_llm_requests_total", &[labels[0], ("status", "200"), ("model", "gpt-4o-mini-2024-07-18")], 2.0);
+    m.tokens(&labels, &[("input", 2.0 * INPUT), ("cache_read", 2.0 * CACHE_READ), ("output", 2.0 * OUTPUT)]);
+    m.free_of("sk-gnutls-secret");
+}
