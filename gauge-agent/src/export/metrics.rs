@@ -133,6 +133,19 @@ impl<S: CaptureStats> Collector for CaptureCollector<S> {
             "Exec events not examined for new TLS libraries because discovery was behind.",
             get(&c.exec_queue_full),
         )?;
+        counter(
+            &mut encoder,
+            "gauge_probe_attach_failures",
+            "TLS hooks that failed: attach (the kernel refused a probe), unreadable (a library named by the linker cache or capture.extra_targets could not be opened; counted once per path). `gauge-agent targets` names the files.",
+            "reason",
+            &[("attach", get(&c.attach_refused)), ("unreadable", get(&c.attach_unreadable))],
+        )?;
+        plain_counter(
+            &mut encoder,
+            "gauge_probe_files_replaced",
+            "Hooked libraries found replaced at their path (an upgrade) and hooked anew; processes still running the old file keep its probes.",
+            get(&c.files_replaced),
+        )?;
         let probes = self.0.probes_attached() as i64;
         ConstGauge::new(probes).encode(encoder.encode_descriptor(
             "gauge_probes_attached",

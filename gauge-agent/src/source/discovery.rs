@@ -120,6 +120,35 @@ impl Planner {
     pub fn targets(&self) -> &[Target] {
         &self.targets
     }
+
+    /// Records that a named TLS library (linker cache, config) cannot be opened, as
+    /// a target with its error. True the first time for its path, so a file missing
+    /// for good is counted once, not at every rescan.
+    pub fn note_unreadable(&mut self, candidate: &Candidate, error: &str) -> bool {
+        if self.targets.iter().any(|t| t.path == candidate.display_path && t.probes == 0 && t.error.is_some()) {
+            return false;
+        }
+        self.targets.push(Target {
+            path: candidate.display_path.clone(),
+            file: FileId { dev: 0, ino: 0 },
+            reason: candidate.reason.clone(),
+            symbols: Vec::new(),
+            probes: 0,
+            error: Some(format!("cannot open: {error}")),
+        });
+        true
+    }
+
+    /// For a named library (linker cache, config) whose path was hooked as another
+    /// file: that file's identity. The path now holds a new file (an upgrade
+    /// replaced it); the new one is new to [`Planner::offer`] and gets hooked, while
+    /// processes still running the old one keep their probes on it.
+    pub fn replaced(&self, candidate: &Candidate, file: FileId) -> Option<FileId> {
+        if !matches!(candidate.reason, Reason::LinkerCache | Reason::Config) || self.seen.contains_key(&file) {
+            return None;
+        }
+        self.targets.iter().rev().find(|t| t.path == candidate.display_path && t.probes > 0 && t.file != file).map(|t| t.file)
+    }
 }
 
 /// The identity of an open file.
@@ -281,6 +310,25 @@ mod tests {
         assert_eq!(planner.offer(candidate("/bin/sh"), id, |_| Ok(TlsSymbols::default())), Offer::Known);
         assert_eq!(planner.offer(candidate("/bin/sh"), id, |_| panic!("cached")), Offer::Known);
         assert!(planner.targets().is_empty());
+    }
+
+    #[test]
+    fn a_named_library_replaced_at_its_path_is_noticed_and_a_missing_one_noted_once() {
+        let mut planner = Planner::default();
+        let old = FileId { dev: 1, ino: 2 };
+        let Offer::Attach(c, f, s) = planner.offer(candidate("/lib/libssl.so.3"), old, |_| Ok(hookable())) else { panic!("attach") };
+        planner.attached(c, f, &s, 4, None);
+        assert_eq!(planner.replaced(&candidate("/lib/libssl.so.3"), old), None, "the same file");
+        let new = FileId { dev: 1, ino: 9 };
+        assert_eq!(planner.replaced(&candidate("/lib/libssl.so.3"), new), Some(old));
+        let mapped = Candidate { reason: Reason::Mapped { pid: 7, comm: "x".into() }, ..candidate("/lib/libssl.so.3") };
+        assert_eq!(planner.replaced(&mapped, new), None, "a process's path may be another container's file");
+        assert!(matches!(planner.offer(candidate("/lib/libssl.so.3"), new, |_| Ok(hookable())), Offer::Attach(..)));
+
+        assert!(planner.note_unreadable(&candidate("/gone/libssl.so.3"), "No such file"));
+        assert!(!planner.note_unreadable(&candidate("/gone/libssl.so.3"), "No such file"), "counted once");
+        let gone = planner.targets().iter().find(|t| t.path == "/gone/libssl.so.3").expect("listed");
+        assert_eq!((gone.probes, gone.error.as_deref()), (0, Some("cannot open: No such file")));
     }
 
     #[test]

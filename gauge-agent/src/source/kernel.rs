@@ -136,10 +136,12 @@ impl KernelCapture {
     }
 
     /// Attaches every hook whose symbol `symbols` has to the file at `path`, for all
-    /// processes. Returns the number of probes attached and the first error, if any
-    /// (a file is still useful when, say, `SSL_free` could not be hooked).
-    pub fn attach(&mut self, path: &Path, symbols: &TlsSymbols) -> (usize, Option<String>) {
+    /// processes. Returns the number of probes attached, of those refused, and the
+    /// first error, if any (a file is still useful when, say, `SSL_free` could not
+    /// be hooked).
+    pub fn attach(&mut self, path: &Path, symbols: &TlsSymbols) -> (usize, usize, Option<String>) {
         let mut attached = 0;
+        let mut refused = 0;
         let mut first_error = None;
         for hook in HOOKS {
             let symbol = hook.0;
@@ -152,6 +154,7 @@ impl KernelCapture {
                 match result {
                     Ok(_) => attached += 1,
                     Err(error) => {
+                        refused += 1;
                         first_error.get_or_insert_with(|| format!("{symbol}: {}", chain(&error)));
                     }
                 }
@@ -168,12 +171,13 @@ impl KernelCapture {
                 match result {
                     Ok(_) => attached += 1,
                     Err(error) => {
+                        refused += 1;
                         first_error.get_or_insert_with(|| format!("{symbol} at {offset:#x}: {}", chain(&error)));
                     }
                 }
             }
         }
-        (attached, first_error)
+        (attached, refused, first_error)
     }
 
     /// The ring buffer of captured records (can be taken once).

@@ -41,6 +41,8 @@ pub struct CaptureOptions {
     /// The most bytes those events may hold together.
     pub queue_bytes: usize,
     pub extra_targets: Vec<PathBuf>,
+    /// `capture.rescan_interval`: how often every process is looked at again.
+    pub rescan_interval: Duration,
     /// `capture.return_probes`; `load.return_probes` is settled from it at start.
     pub return_probes: ReturnProbes,
 }
@@ -59,6 +61,14 @@ pub struct CaptureCounters {
     /// Enforcement records: LLM requests held at entry, and blocked ones.
     pub held: AtomicU64,
     pub stopped: AtomicU64,
+    /// Probes the kernel refused to attach (`gauge_probe_attach_failures_total{reason="attach"}`).
+    pub attach_refused: AtomicU64,
+    /// TLS libraries named by the linker cache or `capture.extra_targets` that could
+    /// not be opened or read as ELF (`reason="unreadable"`).
+    pub attach_unreadable: AtomicU64,
+    /// Files found in a later rescan at a path whose hooked file was replaced (an
+    /// upgrade), hooked anew (`gauge_probe_files_replaced_total`).
+    pub files_replaced: AtomicU64,
 }
 
 /// What the capture shares with the rest of the agent (metrics, `/targets`), created
@@ -125,7 +135,7 @@ pub fn start(options: CaptureOptions, state: Arc<CaptureState>) -> Result<Captur
     }
     let mut open = Vec::new();
     for candidate in initial {
-        offer(&mut planner, &mut kernel, &mut open, candidate);
+        offer(&mut planner, &mut kernel, &mut open, &state.counters, candidate);
     }
     state.targets.send_replace(planner.targets().to_vec());
     let _ = state.kernel.set(Mutex::new(stats));
@@ -140,7 +150,8 @@ pub fn start(options: CaptureOptions, state: Arc<CaptureState>) -> Result<Captur
         .name("gauge-discovery".into())
         .spawn({
             let state = state.clone();
-            move || discovery_loop(kernel, planner, open, proc_root, exec_rx, &state.targets)
+            let rescan = Rescan { every: options.rescan_interval, extra_targets: options.extra_targets.clone() };
+            move || discovery_loop(kernel, planner, open, proc_root, exec_rx, &state, &rescan)
         })
         .map_err(KernelError::Thread)?;
 
@@ -208,19 +219,44 @@ fn permits_of(event: &CaptureEvent) -> u32 {
 /// candidate's path: `/proc/PID/exe` and `/proc/PID/root/...` vanish when a
 /// short-lived process exits mid-attach. The open file is kept in `open` so the
 /// path stays valid for the agent's life.
-fn offer(planner: &mut Planner, kernel: &mut KernelCapture, open: &mut Vec<File>, candidate: Candidate) {
-    let Ok(file) = File::open(&candidate.open_path) else { return };
-    let Ok(id) = discovery::file_id_of(&file) else { return };
+fn offer(planner: &mut Planner, kernel: &mut KernelCapture, open: &mut Vec<File>, counters: &CaptureCounters, candidate: Candidate) {
+    // A process's files vanish when it exits: only the files named up front (linker
+    // cache, config) count as failures when they cannot be read.
+    let named = matches!(candidate.reason, discovery::Reason::LinkerCache | discovery::Reason::Config);
+    let file = match File::open(&candidate.open_path).and_then(|file| discovery::file_id_of(&file).map(|id| (file, id))) {
+        Ok(found) => found,
+        Err(error) => {
+            if named && planner.note_unreadable(&candidate, &error.to_string()) {
+                counters.attach_unreadable.fetch_add(1, Relaxed);
+                tracing::warn!(path = %candidate.display_path, %error, "cannot open a TLS library to hook");
+            }
+            return;
+        }
+    };
+    let (file, id) = file;
     let fd_path = PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()));
+    if let Some(previous) = planner.replaced(&candidate, id) {
+        counters.files_replaced.fetch_add(1, Relaxed);
+        tracing::info!(path = %candidate.display_path, old = ?previous, new = ?id, "a hooked file was replaced (an upgrade?): hooking the new one");
+    }
     if let Offer::Attach(candidate, id, symbols) = planner.offer(candidate, id, |_| elf::inspect(&fd_path)) {
-        let (probes, error) = kernel.attach(&fd_path, &symbols);
+        let (probes, refused, error) = kernel.attach(&fd_path, &symbols);
+        counters.attach_refused.fetch_add(refused as u64, Relaxed);
         match &error {
             None => tracing::info!(path = %candidate.display_path, probes, reason = ?candidate.reason, "attached"),
-            Some(error) => tracing::warn!(path = %candidate.display_path, probes, %error, "attach incomplete"),
+            Some(error) => tracing::warn!(path = %candidate.display_path, probes, refused, %error, "attach incomplete"),
         }
         planner.attached(candidate, id, &symbols, probes, error);
         open.push(file);
     }
+}
+
+/// The periodic sweep of every process (and the linker cache and config targets):
+/// it finds libraries loaded long after a process started (`dlopen`), which the
+/// rescans after an exec miss, and files replaced at a hooked path (upgrades).
+struct Rescan {
+    every: Duration,
+    extra_targets: Vec<PathBuf>,
 }
 
 /// Owns the kernel object: attaching is blocking work (ELF parsing, perf_event_open),
@@ -231,32 +267,45 @@ fn discovery_loop(
     mut open: Vec<File>,
     proc_root: PathBuf,
     execs: std_mpsc::Receiver<u32>,
-    targets: &watch::Sender<Vec<Target>>,
+    state: &CaptureState,
+    rescan: &Rescan,
 ) {
     let mut rescans: BinaryHeap<Reverse<(Instant, u32)>> = BinaryHeap::new();
+    let mut sweep_at = Instant::now() + rescan.every;
     loop {
-        let next = match rescans.peek() {
-            Some(Reverse((at, _))) => execs.recv_timeout(at.saturating_duration_since(Instant::now())),
-            None => execs.recv().map_err(|_| std_mpsc::RecvTimeoutError::Disconnected),
-        };
-        let pid = match next {
+        let next_at = rescans.peek().map_or(sweep_at, |Reverse((at, _))| (*at).min(sweep_at));
+        let before = planner.targets().len();
+        match execs.recv_timeout(next_at.saturating_duration_since(Instant::now())) {
             Ok(pid) => {
                 let now = Instant::now();
                 rescans.extend(RESCAN_AFTER.iter().map(|d| Reverse((now + *d, pid))));
-                pid
+                for candidate in discovery::process_candidates(&proc_root, pid) {
+                    offer(&mut planner, &mut kernel, &mut open, &state.counters, candidate);
+                }
             }
-            Err(std_mpsc::RecvTimeoutError::Timeout) => match rescans.pop() {
-                Some(Reverse((_, pid))) => pid,
-                None => continue,
-            },
+            Err(std_mpsc::RecvTimeoutError::Timeout) => {
+                let now = Instant::now();
+                if now >= sweep_at {
+                    sweep_at = now + rescan.every;
+                    let mut candidates = discovery::startup_candidates(&rescan.extra_targets);
+                    for pid in discovery::all_pids(&proc_root) {
+                        candidates.extend(discovery::process_candidates(&proc_root, pid));
+                    }
+                    for candidate in candidates {
+                        offer(&mut planner, &mut kernel, &mut open, &state.counters, candidate);
+                    }
+                }
+                while rescans.peek().is_some_and(|Reverse((at, _))| *at <= now) {
+                    let Some(Reverse((_, pid))) = rescans.pop() else { break };
+                    for candidate in discovery::process_candidates(&proc_root, pid) {
+                        offer(&mut planner, &mut kernel, &mut open, &state.counters, candidate);
+                    }
+                }
+            }
             Err(std_mpsc::RecvTimeoutError::Disconnected) => return,
-        };
-        let before = planner.targets().len();
-        for candidate in discovery::process_candidates(&proc_root, pid) {
-            offer(&mut planner, &mut kernel, &mut open, candidate);
         }
         if planner.targets().len() != before {
-            targets.send_replace(planner.targets().to_vec());
+            state.targets.send_replace(planner.targets().to_vec());
         }
     }
 }
