@@ -123,6 +123,9 @@ pub struct Capture {
     pub queue_events: usize,
     pub queue_bytes: usize,
     pub extra_targets: Vec<PathBuf>,
+    /// Ports of local model servers spoken to in plain HTTP (Ollama's 11434...),
+    /// captured from syscall tracepoints.
+    pub plain_http_ports: Vec<u16>,
     /// How often every process is looked at again for TLS libraries it loaded late
     /// (`dlopen`) and for hooked libraries replaced at their path.
     #[serde(deserialize_with = "duration")]
@@ -139,7 +142,7 @@ impl Default for Server {
 
 impl Default for Capture {
     fn default() -> Self {
-        Self { ring_buffer_bytes: 16 << 20, max_call_bytes: gauge_common::tls::MAX_CALL_BYTES, queue_events: 65536, queue_bytes: 16 << 20, extra_targets: Vec::new(), rescan_interval: std::time::Duration::from_secs(60), return_probes: ReturnProbes::Auto }
+        Self { ring_buffer_bytes: 16 << 20, max_call_bytes: gauge_common::tls::MAX_CALL_BYTES, queue_events: 65536, queue_bytes: 16 << 20, extra_targets: Vec::new(), plain_http_ports: vec![11434], rescan_interval: std::time::Duration::from_secs(60), return_probes: ReturnProbes::Auto }
     }
 }
 
@@ -190,6 +193,9 @@ impl Config {
         }
         if c.max_call_bytes == 0 || c.max_call_bytes > gauge_common::tls::MAX_CALL_BYTES {
             return Err(invalid("capture.max_call_bytes", c.max_call_bytes.to_string(), "must be between 1 and 4194304"));
+        }
+        if c.plain_http_ports.len() > 64 || c.plain_http_ports.contains(&0) {
+            return Err(invalid("capture.plain_http_ports", format!("{:?}", c.plain_http_ports), "at most 64 ports, none of them 0"));
         }
         if c.rescan_interval < std::time::Duration::from_secs(1) {
             return Err(invalid("capture.rescan_interval", format!("{:?}", c.rescan_interval), "must be at least \"1s\""));
@@ -263,6 +269,7 @@ impl Config {
             queue_events: self.capture.queue_events,
             queue_bytes: self.capture.queue_bytes,
             extra_targets: self.capture.extra_targets.clone(),
+            plain_http_ports: self.capture.plain_http_ports.clone(),
             rescan_interval: self.capture.rescan_interval,
             return_probes: self.capture.return_probes,
         }

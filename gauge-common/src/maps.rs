@@ -19,6 +19,10 @@ pub const CANARY_HITS: &str = "CANARY_HITS";
 /// probes are off (see `gauge-agent` `source::hazards`).
 pub const GLOBAL_WRITE_AT_ENTRY: &str = "WRITE_AT_ENTRY";
 
+/// Hash map `u16` port (host order) -> `u8`: ports whose plain-HTTP connections are
+/// captured (`capture.plain_http_ports`).
+pub const PLAIN_PORTS: &str = "PLAIN_PORTS";
+
 /// Program names (the Rust function names in `gauge-ebpf`).
 pub mod programs {
     pub const SSL_WRITE_ENTRY: &str = "ssl_write_entry";
@@ -41,6 +45,13 @@ pub mod programs {
     pub const GO_TLS_READ_ENTRY: &str = "go_tls_read_entry";
     pub const GO_TLS_READ_RETURN: &str = "go_tls_read_return";
     pub const GO_TLS_CLOSE_ENTRY: &str = "go_tls_close_entry";
+    pub const PLAIN_CONNECT_ENTER: &str = "plain_connect_enter";
+    pub const PLAIN_CONNECT_EXIT: &str = "plain_connect_exit";
+    pub const PLAIN_WRITE_ENTER: &str = "plain_write_enter";
+    pub const PLAIN_WRITEV_ENTER: &str = "plain_writev_enter";
+    pub const PLAIN_READ_ENTER: &str = "plain_read_enter";
+    pub const PLAIN_IO_EXIT: &str = "plain_io_exit";
+    pub const PLAIN_CLOSE_ENTER: &str = "plain_close_enter";
     pub const SCHED_PROCESS_EXEC: &str = "sched_process_exec";
     /// The start-up canary's no-op return probe.
     pub const CANARY_RETURN: &str = "canary_return";

@@ -47,6 +47,40 @@ pub struct GoCall {
     pub goroutine: u64,
 }
 
+/// Ports whose plain-HTTP connections are captured (host order); user space only.
+#[map]
+pub static PLAIN_PORTS: HashMap<u16, u8> = HashMap::with_max_entries(64, 0);
+
+/// The socket of a `connect` to a listed port, between its entry and exit.
+#[map]
+pub static PLAIN_CONNECTING: LruHashMap<u64, u32> = LruHashMap::with_max_entries(4096, 0);
+
+/// Sockets connected to a listed port -> their connection id (see `probes/plain.rs`).
+#[map]
+pub static PLAIN_FDS: LruHashMap<PlainSocket, u64> = LruHashMap::with_max_entries(65536, 0);
+
+/// A read or write on such a socket, between syscall entry and exit, by pid_tgid.
+#[map]
+pub static PLAIN_IO: LruHashMap<u64, PlainCall> = LruHashMap::with_max_entries(16384, 0);
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct PlainSocket {
+    pub tgid: u32,
+    pub fd: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct PlainCall {
+    pub connection: u64,
+    pub buf: u64,
+    /// The length asked for; for `writev`, the number of iovecs.
+    pub count: u64,
+    pub kind: u32,
+    pub vectored: u32,
+}
+
 /// Processes under a policy (tgid -> what to enforce); written by user space only.
 #[map]
 pub static ENFORCE: HashMap<u32, Enforcement> = HashMap::with_max_entries(16384, 0);

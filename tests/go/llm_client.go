@@ -1,9 +1,10 @@
 // A Go agent for the tests: chat completions through net/http and crypto/tls against
 // the mock provider (trusted through SSL_CERT_FILE), plain and streamed, over
-// HTTP/1.1 ("h1") or HTTP/2 ("h2", chosen by ALPN). Prints "ok" when every call
+// HTTP/1.1 ("h1") or HTTP/2 ("h2", chosen by ALPN), or over plain HTTP/1.1 with no
+// TLS at all ("plain", as to a local model server). Prints "ok" when every call
 // answered 200 with its body read to the end.
 //
-// Usage: llm_client h1|h2 CALLS  (port in GAUGE_TEST_PORT). It first waits for a
+// Usage: llm_client h1|h2|plain CALLS  (port in GAUGE_TEST_PORT). It first waits for a
 // line on stdin, so a test can let the daemon attach to it before it calls.
 package main
 
@@ -32,7 +33,11 @@ func main() {
 	}
 	client := &http.Client{Transport: transport}
 	bufio.NewReader(os.Stdin).ReadString('\n')
-	url := "https://127.0.0.1:" + os.Getenv("GAUGE_TEST_PORT") + "/v1/chat/completions"
+	scheme := "https"
+	if mode == "plain" {
+		scheme = "http"
+	}
+	url := scheme + "://127.0.0.1:" + os.Getenv("GAUGE_TEST_PORT") + "/v1/chat/completions"
 	for i := 0; i < n; i++ {
 		stream := i%2 == 1
 		body := fmt.Sprintf(`{"model":"gpt-4o-mini","messages":[{"role":"user","content":"call %d from go"}],"stream":%t,"stream_options":%s}`,
@@ -54,7 +59,7 @@ func main() {
 			fmt.Fprintln(os.Stderr, "bad response:", resp.Status, err, string(out))
 			os.Exit(1)
 		}
-		if want := map[string]string{"h1": "HTTP/1.1", "h2": "HTTP/2.0"}[mode]; resp.Proto != want {
+		if want := map[string]string{"h1": "HTTP/1.1", "h2": "HTTP/2.0", "plain": "HTTP/1.1"}[mode]; resp.Proto != want {
 			fmt.Fprintln(os.Stderr, "spoke", resp.Proto, "not", want)
 			os.Exit(1)
 		}

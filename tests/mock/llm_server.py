@@ -203,15 +203,19 @@ def main():
     import os
     import socket
     global received_file
+    # CERT KEY PORT_FILE [PORT]; CERT "-" serves plain HTTP (as local model servers do).
     cert, key, port_file = sys.argv[1:4]
+    port = int(sys.argv[4]) if len(sys.argv) > 4 else 0
     received_file = port_file + ".received"
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", port))
     sock.listen(128)
     config = Config()
     config.bind = ["fd://%d" % sock.fileno()]
-    config.certfile, config.keyfile = cert, key
-    config.alpn_protocols = ["h2", "http/1.1"]
+    if cert != "-":
+        config.certfile, config.keyfile = cert, key
+        config.alpn_protocols = ["h2", "http/1.1"]
     config.accesslog = None
     tmp = port_file + ".tmp"
     with open(tmp, "w") as f:

@@ -161,16 +161,26 @@ pub struct MockLlm {
 impl MockLlm {
     pub fn start(cert: &Path, key: &Path) -> Self {
         let dir = cert.parent().expect("cert dir");
-        let port_file = dir.join(format!("port-{}", std::process::id()));
+        Self::spawn(&[cert.as_os_str(), key.as_os_str()], &dir.join(format!("port-{}", std::process::id())), None)
+    }
+
+    /// The same mock in plain HTTP (as Ollama or vLLM serve) on `port`, writing its
+    /// files in `dir`.
+    pub fn start_plain(dir: &Path, port: u16) -> Self {
+        Self::spawn(&["-".as_ref(), "-".as_ref()], &dir.join(format!("plain-port-{}", std::process::id())), Some(port))
+    }
+
+    fn spawn(tls: &[&std::ffi::OsStr], port_file: &Path, port: Option<u16>) -> Self {
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("mock/llm_server.py");
         let mut child = Command::new("python3")
             .arg(script)
-            .arg(cert)
-            .arg(key)
-            .arg(&port_file)
+            .args(tls)
+            .arg(port_file)
+            .args(port.map(|p| p.to_string()))
             .stderr(std::process::Stdio::null())
             .spawn()
             .expect("start mock");
+        let port_file = port_file.to_path_buf();
         let start = Instant::now();
         loop {
             if let Some(port) = std::fs::read_to_string(&port_file).ok().and_then(|p| p.trim().parse().ok()) {

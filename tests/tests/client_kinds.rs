@@ -2,14 +2,17 @@
 //! probes, the mock provider (fixed usage), and clients that do not use the system
 //! libssl. A Go agent built here (Debian's golang-go, `tests/go/llm_client.go`)
 //! through `crypto/tls` over HTTP/1.1 and HTTP/2, plain and streamed, with and
-//! without its symbol table; and GnuTLS's own client, gnutls-cli.
+//! without its symbol table; GnuTLS's own client, gnutls-cli; and clients of a
+//! local model server in plain HTTP (python, curl, node, Go), seen from syscalls.
 
 use std::{path::PathBuf, process::Command, sync::OnceLock, time::Duration};
 
 use gauge_tests::{
+    agent::Daemon,
     clients::{self, Held},
     kernel_tests_enabled,
-    world::World,
+    mock::MockLlm,
+    world::{World, sum},
 };
 
 /// The mock's usage per chat call: 21 prompt tokens of which 5 cached, 7 completion.
@@ -43,14 +46,16 @@ fn run_go(world: &World, mode: &str, calls: u32, agent: &str) {
 }
 
 fn run_go_binary(world: &World, binary: &PathBuf, mode: &str, calls: u32, agent: &str) {
+    let cert = world.cert.display().to_string();
+    run_go_on(&world.daemon, binary, &[("SSL_CERT_FILE", &cert)], world.mock.port, mode, calls, agent);
+}
+
+fn run_go_on(daemon: &Daemon, binary: &PathBuf, env: &[(&str, &str)], port: u16, mode: &str, calls: u32, agent: &str) {
     let mut cmd = Command::new(binary);
-    cmd.args([mode, &calls.to_string()])
-        .env("GAUGE_TEST_PORT", world.mock.port.to_string())
-        .env("SSL_CERT_FILE", &world.cert)
-        .env("GAUGE_AGENT", agent);
+    cmd.args([mode, &calls.to_string()]).env("GAUGE_TEST_PORT", port.to_string()).env("GAUGE_AGENT", agent).envs(env.iter().copied());
     let client = Held::start("go client", &mut cmd);
     // Found at exec: it calls once the daemon says the file is hooked.
-    world.daemon.log.wait_for(&["attached", &binary.display().to_string()], Duration::from_secs(20));
+    daemon.log.wait_for(&["attached", &binary.display().to_string()], Duration::from_secs(20));
     let out = client.go(&format!("go client ({mode})"));
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "ok");
 }
@@ -106,4 +111,80 @@ fn gnutls_calls_are_metered_exactly() {
     m.check("gauge_llm_requests_total", &[labels[0], ("status", "200"), ("model", "gpt-4o-mini-2024-07-18")], 2.0);
     m.tokens(&labels, &[("input", 2.0 * INPUT), ("cache_read", 2.0 * CACHE_READ), ("output", 2.0 * OUTPUT)]);
     m.free_of("sk-gnutls-secret");
+}
+
+/// One chat call over plain HTTP/1.1, plain or streamed (with its usage), by python's
+/// http.client (send/recv: the sendto/recvfrom syscalls).
+const PYTHON_PLAIN: &str = r#"
+import http.client, json, os, sys
+port = int(os.environ["GAUGE_TEST_PORT"])
+for stream in (False, True):
+    conn = http.client.HTTPConnection("127.0.0.1", port)
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "stream": stream}
+    if stream:
+        body["stream_options"] = {"include_usage": True}
+    conn.request("POST", "/v1/chat/completions", body=json.dumps(body), headers={"Content-Type": "application/json"})
+    response = conn.getresponse()
+    assert response.status == 200, response.status
+    response.read()
+    conn.close()
+print("ok")
+"#;
+
+/// node's http module (libuv: writev and read).
+const NODE_PLAIN: &str = r#"
+const http = require("http");
+const body = JSON.stringify({model: "gpt-4o-mini", messages: [{role: "user", content: "hi"}]});
+const req = http.request({host: "127.0.0.1", port: Number(process.env.GAUGE_TEST_PORT), path: "/v1/chat/completions",
+  method: "POST", headers: {"Content-Type": "application/json", "Content-Length": Buffer.byteLength(body)}}, (res) => {
+  res.resume();
+  res.on("end", () => { if (res.statusCode !== 200) process.exit(1); console.log("ok"); });
+});
+req.end(body);
+"#;
+
+#[test]
+fn plain_http_to_a_local_model_server_is_metered_exactly() {
+    if !kernel_tests_enabled("plain HTTP") {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port").port();
+    let mock = MockLlm::start_plain(dir.path(), port);
+    let mut daemon = Daemon::start(&format!("[capture]\nplain_http_ports = [{port}]\n"));
+    daemon.wait_healthy();
+    let plain_port = port.to_string();
+    let env = [("GAUGE_TEST_PORT", plain_port.as_str())];
+    let run = |what: &str, cmd: &mut Command, agent: &str| {
+        let (_, out) = clients::run(what, cmd.envs(env).env("GAUGE_AGENT", agent));
+        assert!(!out.stdout.is_empty(), "{what} printed nothing");
+        out
+    };
+    let out = run("python over plain http", Command::new("python3").arg("-c").arg(PYTHON_PLAIN), "plain-python");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "ok");
+    let body = r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}"#;
+    let url = format!("http://127.0.0.1:{port}/v1/chat/completions");
+    run("curl over plain http", Command::new("curl").args(["-sS", "--fail", "-H", "Content-Type: application/json", "-d", body, &url]), "plain-curl");
+    let out = run("node over plain http", Command::new("node").arg("-e").arg(NODE_PLAIN), "plain-node");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "ok");
+    run_go_on(&daemon, go_client(false), &[], port, "plain", 2, "plain-go");
+
+    let wanted = [("plain-python", 2.0), ("plain-curl", 1.0), ("plain-node", 1.0), ("plain-go", 2.0)];
+    let start = std::time::Instant::now();
+    let text = loop {
+        let (_, text) = daemon.get("/metrics").expect("scrape");
+        let done = wanted.iter().all(|(agent, n)| sum(&text, "gauge_llm_requests_total", &[("agent", agent)]) >= *n);
+        if done || start.elapsed() > Duration::from_secs(20) {
+            break text;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    for (agent, calls) in wanted {
+        let labels = [("agent", agent), ("status", "200")];
+        let got = |metric: &str, extra: &[(&str, &str)]| sum(&text, metric, &[&labels[..], extra].concat());
+        assert_eq!(got("gauge_llm_requests_total", &[]), calls, "{agent}\n{text}\n{}", daemon.log.text());
+        let tokens = |kind: &str| sum(&text, "gauge_llm_tokens_total", &[("agent", agent), ("kind", kind)]);
+        assert_eq!((tokens("input"), tokens("cache_read"), tokens("output")), (calls * INPUT, calls * CACHE_READ, calls * OUTPUT), "{agent}\n{text}");
+    }
+    drop(mock);
 }

@@ -7,17 +7,19 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
     programs::{
-        RawTracePoint, UProbe,
+        RawTracePoint, TracePoint, UProbe,
         uprobe::{UProbeLinkId, UProbeScope},
     },
 };
 use gauge_common::{
     enforce::{ConnectionKey, Enforcement},
-    maps::{CANARY_HITS, ENFORCE, EVENTS, GLOBAL_MAX_CALL_BYTES, GLOBAL_WRITE_AT_ENTRY, LLM_CONNECTIONS, STATS, programs as prog},
+    maps::{
+        CANARY_HITS, ENFORCE, EVENTS, GLOBAL_MAX_CALL_BYTES, GLOBAL_WRITE_AT_ENTRY, LLM_CONNECTIONS, PLAIN_PORTS, STATS, programs as prog,
+    },
     tls::{self, stat},
 };
 
-use super::{elf::TlsSymbols, golang};
+use super::{elf::TlsSymbols, golang, tracefs};
 
 /// The eBPF object built by `build.rs`; empty when built with `GAUGE_EBPF_STUB=1`.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/gauge-ebpf"));
@@ -46,6 +48,17 @@ const GO_HOOKS: [(&str, &str, Option<&str>); 3] = [
     (golang::WRITE, prog::GO_TLS_WRITE_ENTRY, Some(prog::GO_TLS_WRITE_RETURN)),
     (golang::READ, prog::GO_TLS_READ_ENTRY, Some(prog::GO_TLS_READ_RETURN)),
     (golang::CLOSE, prog::GO_TLS_CLOSE_ENTRY, None),
+];
+
+/// Plain HTTP: each program and the syscall tracepoints it is attached to.
+const PLAIN_TRACEPOINTS: [(&str, &[&str]); 7] = [
+    (prog::PLAIN_CONNECT_ENTER, &["sys_enter_connect"]),
+    (prog::PLAIN_CONNECT_EXIT, &["sys_exit_connect"]),
+    (prog::PLAIN_WRITE_ENTER, &["sys_enter_write", "sys_enter_sendto"]),
+    (prog::PLAIN_WRITEV_ENTER, &["sys_enter_writev"]),
+    (prog::PLAIN_READ_ENTER, &["sys_enter_read", "sys_enter_recvfrom"]),
+    (prog::PLAIN_IO_EXIT, &["sys_exit_write", "sys_exit_sendto", "sys_exit_writev", "sys_exit_read", "sys_exit_recvfrom"]),
+    (prog::PLAIN_CLOSE_ENTER, &["sys_enter_close"]),
 ];
 
 /// The programs of one hook that are loaded and attached.
@@ -91,6 +104,8 @@ pub enum KernelError {
     RingSize(u32),
     #[error("the uretprobe canary needs a process id, got 0")]
     CanaryPid,
+    #[error("plain-HTTP capture needs tracefs, which is not mounted and could not be ({0}): mount it (`mount -t tracefs nodev /sys/kernel/tracing`; in a container, mount the host's /sys/kernel/tracing) or set capture.plain_http_ports = []")]
+    Tracefs(std::io::Error),
 }
 
 /// Settings the eBPF object is loaded with.
@@ -178,6 +193,31 @@ impl KernelCapture {
             }
         }
         (attached, refused, first_error)
+    }
+
+    /// Follows plain-HTTP connections to `ports` from syscall tracepoints (see
+    /// `gauge-ebpf/src/probes/plain.rs`); returns the tracepoints attached. Nothing
+    /// is attached for no ports, so hosts without local model servers pay nothing.
+    pub fn capture_plain_http(&mut self, ports: &[u16]) -> Result<usize, KernelError> {
+        if ports.is_empty() {
+            return Ok(0);
+        }
+        let map = self.ebpf.map_mut(PLAIN_PORTS).ok_or(KernelError::Missing(PLAIN_PORTS))?;
+        let mut listed: HashMap<_, u16, u8> = HashMap::try_from(map).map_err(|source| KernelError::Map { name: PLAIN_PORTS, source })?;
+        for port in ports {
+            listed.insert(port, 1, 0).map_err(|source| KernelError::Map { name: PLAIN_PORTS, source })?;
+        }
+        tracefs::ensure_mounted().map_err(KernelError::Tracefs)?;
+        let mut attached = 0;
+        for (name, syscalls) in PLAIN_TRACEPOINTS {
+            let program: &mut TracePoint = program(&mut self.ebpf, name)?;
+            program.load().map_err(|source| KernelError::Program { name, source })?;
+            for syscall in syscalls {
+                program.attach("syscalls", syscall).map_err(|source| KernelError::Program { name, source })?;
+                attached += 1;
+            }
+        }
+        Ok(attached)
     }
 
     /// The ring buffer of captured records (can be taken once).

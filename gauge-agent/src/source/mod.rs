@@ -13,5 +13,6 @@ pub mod kernel;
 pub mod recording;
 pub mod redact;
 pub mod runtime;
+pub mod tracefs;
 
 pub use event::{CaptureEvent, Direction, Payload};

@@ -41,6 +41,8 @@ pub struct CaptureOptions {
     /// The most bytes those events may hold together.
     pub queue_bytes: usize,
     pub extra_targets: Vec<PathBuf>,
+    /// `capture.plain_http_ports`: plain-HTTP connections to these ports are captured.
+    pub plain_http_ports: Vec<u16>,
     /// `capture.rescan_interval`: how often every process is looked at again.
     pub rescan_interval: Duration,
     /// `capture.return_probes`; `load.return_probes` is settled from it at start.
@@ -123,6 +125,10 @@ pub fn start(options: CaptureOptions, state: Arc<CaptureState>) -> Result<Captur
     let load = LoadOptions { return_probes: decision.on, ..options.load };
     let _ = state.return_probes.set(decision);
     let mut kernel = KernelCapture::load(load)?;
+    let plain = kernel.capture_plain_http(&options.plain_http_ports)?;
+    if plain > 0 {
+        tracing::info!(ports = ?options.plain_http_ports, tracepoints = plain, "following plain-HTTP connections to local model servers");
+    }
     let ring = kernel.take_ring()?;
     let stats = kernel.take_stats()?;
     let enforcement = kernel.take_enforcement()?;

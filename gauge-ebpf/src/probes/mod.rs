@@ -2,4 +2,5 @@ pub mod canary;
 pub mod gnutls;
 pub mod gotls;
 pub mod openssl;
+pub mod plain;
 pub mod process;
