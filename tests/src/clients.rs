@@ -38,6 +38,10 @@ pub fn python(ca: &Path, script: &str) -> Command {
     cmd
 }
 
+/// Bun's binary, as `cargo xtask test` installs it (xtask/src/setup.rs has the same
+/// path): it carries BoringSSL without symbols.
+pub const BUN: &str = "/usr/local/lib/gauge-tests/bun-1.4.5/bun";
+
 pub fn node(ca: &Path, script: &str) -> Command {
     let mut cmd = Command::new("node");
     cmd.arg("-e").arg(script).env("NODE_EXTRA_CA_CERTS", ca);

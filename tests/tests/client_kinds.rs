@@ -2,8 +2,9 @@
 //! probes, the mock provider (fixed usage), and clients that do not use the system
 //! libssl. A Go agent built here (Debian's golang-go, `tests/go/llm_client.go`)
 //! through `crypto/tls` over HTTP/1.1 and HTTP/2, plain and streamed, with and
-//! without its symbol table; GnuTLS's own client, gnutls-cli; and clients of a
-//! local model server in plain HTTP (python, curl, node, Go), seen from syscalls.
+//! without its symbol table; GnuTLS's own client, gnutls-cli; Bun, whose BoringSSL
+//! has no symbols (found by its known bytes); and clients of a local model server in
+//! plain HTTP (python, curl, node, Go), seen from syscalls.
 
 use std::{path::PathBuf, process::Command, sync::OnceLock, time::Duration};
 
@@ -111,6 +112,69 @@ fn gnutls_calls_are_metered_exactly() {
     m.check("gauge_llm_requests_total", &[labels[0], ("status", "200"), ("model", "gpt-4o-mini-2024-07-18")], 2.0);
     m.tokens(&labels, &[("input", 2.0 * INPUT), ("cache_read", 2.0 * CACHE_READ), ("output", 2.0 * OUTPUT)]);
     m.free_of("sk-gnutls-secret");
+}
+
+/// Bun's fetch: two chat calls, one streamed, once stdin ends (the daemon has hooked it).
+const BUN_FETCH: &str = r#"
+await Bun.stdin.text();
+const url = `https://127.0.0.1:${process.env.GAUGE_TEST_PORT}/v1/chat/completions`;
+for (const stream of [false, true]) {
+  const body = {model: "gpt-4o-mini", messages: [{role: "user", content: "hi from bun"}], stream};
+  if (stream) body.stream_options = {include_usage: true};
+  const res = await fetch(url, {method: "POST", headers: {"Content-Type": "application/json", "Authorization": "Bearer sk-bun-secret"}, body: JSON.stringify(body)});
+  if (res.status !== 200) { console.error(res.status); process.exit(1); }
+  await res.text();
+}
+console.log("ok");
+"#;
+
+#[test]
+fn bun_with_its_hidden_boringssl_is_metered_exactly() {
+    if !kernel_tests_enabled("Bun (BoringSSL)") {
+        return;
+    }
+    assert!(std::path::Path::new(clients::BUN).exists(), "{} is missing: `cargo xtask test` installs it", clients::BUN);
+    let world = World::start("");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let script = dir.path().join("fetch.mjs");
+    std::fs::write(&script, BUN_FETCH).expect("write the script");
+    let mut bun = Command::new(clients::BUN);
+    bun.arg(&script)
+        .env("GAUGE_TEST_PORT", world.mock.port.to_string())
+        .env("NODE_EXTRA_CA_CERTS", &world.cert)
+        .env("GAUGE_AGENT", "bun-bot");
+    let client = Held::start("bun", &mut bun);
+    // Found at exec, by scanning its 100 MB for the known bytes.
+    world.daemon.log.wait_for(&["attached", clients::BUN], Duration::from_secs(30));
+    let out = client.go("bun fetch");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "ok");
+    let labels = [("agent", "bun-bot")];
+    let m = world.scrape(&[(&labels, 2.0)]);
+    m.check("gauge_llm_requests_total", &[labels[0], ("status", "200")], 2.0);
+    m.tokens(&labels, &[("input", 2.0 * INPUT), ("cache_read", 2.0 * CACHE_READ), ("output", 2.0 * OUTPUT)]);
+    m.free_of("sk-bun-secret");
+    let (_, targets) = world.daemon.get("/targets").expect("targets");
+    assert!(targets.contains("bun-1.4.5/bun"), "{targets}");
+
+    // A build whose SSL_write does not begin with the known bytes is not hooked, but
+    // said to be: counted, and listed in targets with the reason.
+    let unknown = dir.path().join("bun-unknown-build");
+    let mut bytes = std::fs::read(clients::BUN).expect("read bun");
+    // SSL_write's known first 32 bytes (source/boringssl.rs), found once.
+    let known = b"\x55\x48\x89\xe5\x41\x57\x41\x56\x41\x55\x41\x54\x53\x48\x83\xec\x18\x41\x89\xd7\x49\x89\xf6\x48\x89\xfb\x48\x8b\x47\x30\xc7\x80";
+    let at: Vec<usize> = bytes.windows(known.len()).enumerate().filter(|(_, w)| *w == known).map(|(i, _)| i).collect();
+    assert_eq!(at.len(), 1, "SSL_write's bytes are in bun once");
+    bytes[at[0] + known.len() - 1] ^= 0xff; // inside SSL_write, which this copy never runs
+    std::fs::write(&unknown, bytes).expect("write the copy");
+    std::fs::set_permissions(&unknown, std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod");
+    let mut idle = Command::new(&unknown);
+    idle.args(["-e", "await Bun.stdin.text()"]);
+    let held = Held::start("bun (unknown build)", &mut idle);
+    world.daemon.log.wait_for(&["cannot be hooked", "bun-unknown-build"], Duration::from_secs(30));
+    held.go("bun (unknown build)");
+    assert_eq!(world.daemon.metric("gauge_probe_attach_failures_total{reason=\"unhookable\"}"), 1.0);
+    let (_, targets) = world.daemon.get("/targets").expect("targets");
+    assert!(targets.contains("bun-unknown-build") && targets.contains("BoringSSL without symbols"), "{targets}");
 }
 
 /// One chat call over plain HTTP/1.1, plain or streamed (with its usage), by python's

@@ -4,7 +4,7 @@ use std::{path::Path, process::Command};
 
 use anyhow::{Context as _, bail};
 
-const TARGETS: [&str; 7] = ["h1", "h2", "sse", "usage", "pipeline", "config", "attribution"];
+const TARGETS: [&str; 8] = ["h1", "h2", "sse", "usage", "pipeline", "config", "attribution", "binaries"];
 const CARGO_FUZZ: &str = "0.13.2";
 
 pub fn run(seconds: u64, only: &[String]) -> anyhow::Result<()> {

@@ -4,7 +4,10 @@
 //! bpfel-unknown-none), linked into rustup as `debian-bpf`, and bpf-linker built
 //! against the same LLVM (22).
 
-use std::process::{Command, Stdio};
+use std::{
+    path::Path,
+    process::{Command, Stdio},
+};
 
 use anyhow::{Context as _, bail};
 
@@ -57,6 +60,29 @@ const PYTHON_PACKAGES: [&str; 5] =
     ["openai==3.57.0", "anthropic==2.14.0", "google-genai==3.6.1", "hypercorn==0.17.3", "h2==4.4.1"];
 
 /// Clients the kernel tests run against the capture.
+/// Bun, whose binary carries BoringSSL without symbols: `tests/tests/client_kinds.rs`
+/// runs it (the same path is in `tests/src/clients.rs`).
+const BUN: &str = "/usr/local/lib/gauge-tests/bun-1.4.5/bun";
+const BUN_PACKAGE: &str = "@oven/bun-linux-x64@1.4.5";
+
+/// Fetches Bun's binary as its npm package (the machine's npm) into [`BUN`].
+fn install_bun() -> anyhow::Result<()> {
+    if Path::new(BUN).exists() {
+        return Ok(());
+    }
+    eprintln!("==> setup: fetching Bun ({BUN_PACKAGE}) with npm, for the BoringSSL test");
+    let dir = Path::new(BUN).parent().context("BUN has a parent")?;
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    run_cmd(Command::new("npm").args(["pack", "--silent", BUN_PACKAGE, "--pack-destination"]).arg(dir))
+        .context("npm pack of Bun failed: tests/tests/client_kinds.rs needs node's npm and the npm registry")?;
+    run_cmd(Command::new("tar").args(["xzf", "oven-bun-linux-x64-1.4.5.tgz", "package/bin/bun"]).current_dir(dir))
+        .context("cannot unpack Bun's package")?;
+    std::fs::rename(dir.join("package/bin/bun"), BUN).context("cannot move Bun into place")?;
+    let _ = std::fs::remove_dir_all(dir.join("package"));
+    let _ = std::fs::remove_file(dir.join("oven-bun-linux-x64-1.4.5.tgz"));
+    Ok(())
+}
+
 pub fn test_dependencies() -> anyhow::Result<()> {
     let missing = missing_packages(&TEST_PACKAGES);
     if !missing.is_empty() {
@@ -84,6 +110,7 @@ pub fn test_dependencies() -> anyhow::Result<()> {
         check_host()?;
         apt_install(&missing)?;
     }
+    install_bun()?;
     let validator_present = Command::new("python3")
         .args(["-c", "import kubernetes_validate"])
         .stderr(Stdio::null())

@@ -136,9 +136,9 @@ impl<S: CaptureStats> Collector for CaptureCollector<S> {
         counter(
             &mut encoder,
             "gauge_probe_attach_failures",
-            "TLS hooks that failed: attach (the kernel refused a probe), unreadable (a library named by the linker cache or capture.extra_targets could not be opened; counted once per path). `gauge-agent targets` names the files.",
+            "TLS hooks that failed: attach (the kernel refused a probe), unreadable (a library named by the linker cache or capture.extra_targets could not be opened; counted once per path), unhookable (an executable with a TLS library compiled in that Gauge cannot hook, e.g. BoringSSL without symbols in an unknown build). `gauge-agent targets` names the files.",
             "reason",
-            &[("attach", get(&c.attach_refused)), ("unreadable", get(&c.attach_unreadable))],
+            &[("attach", get(&c.attach_refused)), ("unreadable", get(&c.attach_unreadable)), ("unhookable", get(&c.attach_unhookable))],
         )?;
         plain_counter(
             &mut encoder,

@@ -65,6 +65,9 @@ pub enum Offer {
     Known,
     /// A new TLS library: attach these symbols to `candidate.open_path`.
     Attach(Candidate, FileId, TlsSymbols),
+    /// A new file with a TLS library compiled in that cannot be hooked; listed in
+    /// the targets with the reason.
+    Unhookable(String),
 }
 
 /// Remembers every inspected file so each is inspected and attached once.
@@ -90,6 +93,18 @@ impl Planner {
             Ok(symbols) if symbols.is_hookable() => {
                 self.seen.insert(file, None);
                 Offer::Attach(candidate, file, symbols)
+            }
+            Ok(TlsSymbols { unhookable: Some(reason), .. }) => {
+                self.seen.insert(file, Some(self.targets.len()));
+                self.targets.push(Target {
+                    path: candidate.display_path,
+                    file,
+                    reason: candidate.reason,
+                    symbols: Vec::new(),
+                    probes: 0,
+                    error: Some(reason.clone()),
+                });
+                Offer::Unhookable(reason)
             }
             Ok(_) => {
                 self.seen.insert(file, None);

@@ -6,7 +6,7 @@ use std::{collections::BTreeMap, fs::File, path::Path};
 
 use object::{Object, ObjectSection, ObjectSegment, ObjectSymbol};
 
-use super::golang;
+use super::{boringssl, golang};
 
 /// OpenSSL's (and BoringSSL's) functions Gauge hooks.
 pub const OPENSSL_SYMBOLS: [&str; 6] =
@@ -31,6 +31,9 @@ pub struct TlsSymbols {
     /// Go functions only: file offsets of their RET instructions, probed instead of
     /// a uretprobe.
     pub returns: BTreeMap<&'static str, Vec<u64>>,
+    /// Why a file with a TLS library compiled in cannot be hooked (listed in
+    /// `targets` with it), e.g. BoringSSL without symbols in an unknown build.
+    pub unhookable: Option<String>,
 }
 
 impl TlsSymbols {
@@ -89,7 +92,30 @@ pub fn inspect_bytes(data: &[u8]) -> Result<TlsSymbols, String> {
     if found.offsets.contains_key("gnutls_record_send2") {
         found.offsets.remove("gnutls_record_send");
     }
+    if !found.is_hookable() {
+        let exported: Vec<&str> = elf.dynamic_symbols().filter_map(|s| s.name().ok()).collect();
+        if boringssl::worth_scanning(&exported) {
+            find_hidden_boringssl(&elf, data, &mut found);
+        }
+    }
     Ok(found)
+}
+
+/// Bun and the like: BoringSSL's `SSL_write`/`SSL_read` found by their bytes in the
+/// executable segment (see `boringssl.rs`).
+fn find_hidden_boringssl(elf: &object::File<'_>, data: &[u8], found: &mut TlsSymbols) {
+    const PF_X: u32 = 1;
+    let code = elf.segments().find(|s| matches!(s.flags(), object::SegmentFlags::Elf { p_flags } if p_flags & PF_X != 0));
+    let Some((start, len)) = code.map(|s| s.file_range()) else { return };
+    let Some(bytes) = usize::try_from(start).ok().zip(usize::try_from(len).ok()).and_then(|(s, l)| data.get(s..s.checked_add(l)?)) else { return };
+    match boringssl::find(bytes, start) {
+        Ok((build, write, read)) => {
+            tracing::debug!(build, "BoringSSL without symbols found by its known bytes");
+            found.offsets.insert("SSL_write", write);
+            found.offsets.insert("SSL_read", read);
+        }
+        Err(reason) => found.unhookable = Some(reason),
+    }
 }
 
 /// The file offset of function `name` defined in the file at `path` (either symbol
@@ -111,8 +137,9 @@ pub fn function_offset(path: &Path, name: &str) -> Result<Option<u64>, ElfError>
 /// its bytes; nothing when it cannot be decoded.
 fn add_go_function(elf: &object::File<'_>, found: &mut TlsSymbols, name: &'static str, address: u64, size: u64) {
     let Some(function) = code_at(elf, address, size).and_then(|code| golang::function(code, address)) else { return };
-    let returns: Option<Vec<u64>> = function.returns.iter().map(|r| file_offset(elf, address + r)).collect();
-    if let (Some(entry), Some(returns)) = (file_offset(elf, address + function.body), returns) {
+    let at = |offset: u64| address.checked_add(offset).and_then(|a| file_offset(elf, a));
+    let returns: Option<Vec<u64>> = function.returns.iter().map(|r| at(*r)).collect();
+    if let (Some(entry), Some(returns)) = (at(function.body), returns) {
         found.offsets.insert(name, entry);
         found.returns.insert(name, returns);
     }
@@ -131,7 +158,7 @@ fn file_offset(elf: &object::File<'_>, address: u64) -> Option<u64> {
     elf.segments().find_map(|segment| {
         let start = segment.address();
         let (file_start, file_len) = segment.file_range();
-        (address >= start && address - start < file_len).then(|| address - start + file_start)
+        (address >= start && address - start < file_len).then(|| (address - start).checked_add(file_start)).flatten()
     })
 }
 

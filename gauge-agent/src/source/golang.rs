@@ -37,7 +37,7 @@ pub fn function(code: &[u8], address: u64) -> Option<GoFunction> {
         if instruction.is_invalid() {
             return None;
         }
-        let offset = instruction.ip() - address;
+        let offset = instruction.ip().wrapping_sub(address);
         // The prologue: `cmp rsp|r12, [r14+16]` (the goroutine's stack guard) then
         // `jbe` to the morestack call at the end of the function.
         if index < 4 && body.is_none() {
@@ -71,8 +71,9 @@ fn reads_stack_guard(instruction: &Instruction) -> bool {
 /// A binary stripped of `.symtab` (`-ldflags=-s`, common in images) keeps this
 /// table, since the runtime needs it for stack traces.
 pub fn pclntab_functions(table: &[u8], wanted: &[&'static str]) -> Vec<(&'static str, u64, u64)> {
-    let word = |at: usize| -> Option<u64> { Some(u64::from_le_bytes(table.get(at..at + 8)?.try_into().ok()?)) };
-    let word32 = |at: usize| -> Option<u32> { Some(u32::from_le_bytes(table.get(at..at + 4)?.try_into().ok()?)) };
+    // Every offset comes from the file: all arithmetic on them is checked.
+    let word = |at: usize| -> Option<u64> { Some(u64::from_le_bytes(table.get(at..at.checked_add(8)?)?.try_into().ok()?)) };
+    let word32 = |at: usize| -> Option<u32> { Some(u32::from_le_bytes(table.get(at..at.checked_add(4)?)?.try_into().ok()?)) };
     let header = || -> Option<(usize, u64, usize, usize)> {
         let magic = word32(0)?;
         // 8-byte pointers and the 1.18+ layout only.
@@ -89,13 +90,16 @@ pub fn pclntab_functions(table: &[u8], wanted: &[&'static str]) -> Vec<(&'static
     let mut found = Vec::new();
     // functab: nfunc + 1 pairs of (entry offset from text start, _func offset).
     for i in 0..nfunc.min(table.len() / 8) {
-        let at = functab + i * 8;
-        let (Some(entry), Some(func), Some(next)) = (word32(at), word32(at + 4), word32(at + 8)) else { break };
-        let Some(name_off) = usize::try_from(func).ok().and_then(|f| word32(functab + f + 4)) else { continue };
-        let start = names + name_off as usize;
+        let Some(at) = i.checked_mul(8).and_then(|o| functab.checked_add(o)) else { break };
+        let (Some(entry), Some(func), Some(next)) = (word32(at), at.checked_add(4).and_then(word32), at.checked_add(8).and_then(word32)) else { break };
+        let name_at = functab.checked_add(func as usize).and_then(|f| f.checked_add(4));
+        let Some(name_off) = name_at.and_then(word32) else { continue };
+        let Some(start) = names.checked_add(name_off as usize) else { continue };
         let Some(name) = table.get(start..).and_then(|rest| rest.split(|b| *b == 0).next()) else { continue };
-        if let Some(w) = wanted.iter().find(|w| w.as_bytes() == name) {
-            found.push((*w, text_start + u64::from(entry), u64::from(next.saturating_sub(entry))));
+        if let Some(w) = wanted.iter().find(|w| w.as_bytes() == name)
+            && let Some(address) = text_start.checked_add(u64::from(entry))
+        {
+            found.push((*w, address, u64::from(next.saturating_sub(entry))));
         }
     }
     found
@@ -139,6 +143,10 @@ mod tests {
         old[..4].copy_from_slice(&0xffff_fffau32.to_le_bytes());
         assert!(pclntab_functions(&old, &SYMBOLS).is_empty(), "Go 1.16/1.17 tables are not read");
         assert!(pclntab_functions(&table()[..40], &SYMBOLS).is_empty(), "a cut table is no table");
+        let mut hostile = table();
+        hostile[64..72].copy_from_slice(&u64::MAX.to_le_bytes()); // functab offset
+        hostile[32..40].copy_from_slice(&(u64::MAX - 3).to_le_bytes()); // names offset
+        assert!(pclntab_functions(&hostile, &SYMBOLS).is_empty(), "offsets past the end are no functions, not a panic");
     }
 
     #[test]

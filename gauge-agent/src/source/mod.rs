@@ -5,6 +5,7 @@
 //! tested without a kernel. Nothing downstream reads the clock: time comes from events.
 
 pub mod discovery;
+pub mod boringssl;
 pub mod elf;
 pub mod event;
 pub mod golang;

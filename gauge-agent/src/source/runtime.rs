@@ -68,6 +68,9 @@ pub struct CaptureCounters {
     /// TLS libraries named by the linker cache or `capture.extra_targets` that could
     /// not be opened or read as ELF (`reason="unreadable"`).
     pub attach_unreadable: AtomicU64,
+    /// Executables with a TLS library compiled in that cannot be hooked
+    /// (`reason="unhookable"`), e.g. BoringSSL without symbols in an unknown build.
+    pub attach_unhookable: AtomicU64,
     /// Files found in a later rescan at a path whose hooked file was replaced (an
     /// upgrade), hooked anew (`gauge_probe_files_replaced_total`).
     pub files_replaced: AtomicU64,
@@ -245,7 +248,13 @@ fn offer(planner: &mut Planner, kernel: &mut KernelCapture, open: &mut Vec<File>
         counters.files_replaced.fetch_add(1, Relaxed);
         tracing::info!(path = %candidate.display_path, old = ?previous, new = ?id, "a hooked file was replaced (an upgrade?): hooking the new one");
     }
-    if let Offer::Attach(candidate, id, symbols) = planner.offer(candidate, id, |_| elf::inspect(&fd_path)) {
+    let shown = candidate.display_path.clone();
+    let offer = planner.offer(candidate, id, |_| elf::inspect(&fd_path));
+    if let Offer::Unhookable(reason) = &offer {
+        counters.attach_unhookable.fetch_add(1, Relaxed);
+        tracing::warn!(path = %shown, %reason, "a TLS library is compiled in but cannot be hooked: its calls are not seen");
+    }
+    if let Offer::Attach(candidate, id, symbols) = offer {
         let (probes, refused, error) = kernel.attach(&fd_path, &symbols);
         counters.attach_refused.fetch_add(refused as u64, Relaxed);
         match &error {
