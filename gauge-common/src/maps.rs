@@ -23,6 +23,9 @@ pub const GLOBAL_WRITE_AT_ENTRY: &str = "WRITE_AT_ENTRY";
 /// captured (`capture.plain_http_ports`).
 pub const PLAIN_PORTS: &str = "PLAIN_PORTS";
 
+/// LRU hash map [`crate::tls::PlainSocket`] -> `u64` connection id (top bit set).
+pub const PLAIN_FDS: &str = "PLAIN_FDS";
+
 /// Program names (the Rust function names in `gauge-ebpf`).
 pub mod programs {
     pub const SSL_WRITE_ENTRY: &str = "ssl_write_entry";

@@ -83,3 +83,13 @@ pub mod stat {
     /// Number of counters.
     pub const COUNT: u32 = 9;
 }
+
+/// Key of the `PLAIN_FDS` map: a socket of a process, connected to a port listed for
+/// plain-HTTP capture. User space writes it too, for connections made before the
+/// daemon started.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct PlainSocket {
+    pub tgid: u32,
+    pub fd: u32,
+}

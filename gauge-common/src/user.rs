@@ -12,6 +12,8 @@ unsafe impl aya::Pod for TlsChunkHeader {}
 unsafe impl aya::Pod for Enforcement {}
 // SAFETY: u32 + explicit u32 padding + u64, no implicit padding.
 unsafe impl aya::Pod for ConnectionKey {}
+// SAFETY: two u32s, no padding.
+unsafe impl aya::Pod for crate::tls::PlainSocket {}
 
 /// Why a raw record could not be decoded.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]

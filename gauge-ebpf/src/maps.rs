@@ -6,7 +6,7 @@ use aya_ebpf::{
 };
 use gauge_common::{
     enforce::{ConnectionKey, Enforcement},
-    tls::{CHUNK_BYTES, MAX_CALL_BYTES as HARD_MAX_CALL_BYTES, TlsChunkHeader, stat},
+    tls::{CHUNK_BYTES, MAX_CALL_BYTES as HARD_MAX_CALL_BYTES, PlainSocket, TlsChunkHeader, stat},
 };
 
 /// Captured records. User space sets the real size at load time.
@@ -62,13 +62,6 @@ pub static PLAIN_FDS: LruHashMap<PlainSocket, u64> = LruHashMap::with_max_entrie
 /// A read or write on such a socket, between syscall entry and exit, by pid_tgid.
 #[map]
 pub static PLAIN_IO: LruHashMap<u64, PlainCall> = LruHashMap::with_max_entries(16384, 0);
-
-#[repr(C)]
-#[derive(Clone, Copy)]
-pub struct PlainSocket {
-    pub tgid: u32,
-    pub fd: u32,
-}
 
 #[repr(C)]
 #[derive(Clone, Copy)]

@@ -195,6 +195,21 @@ for stream in (False, True):
 print("ok")
 "#;
 
+/// Two calls on one kept-alive connection, the second once stdin says so.
+const PYTHON_KEEP_ALIVE: &str = r#"
+import http.client, json, os, sys
+conn = http.client.HTTPConnection("127.0.0.1", int(os.environ["GAUGE_TEST_PORT"]))
+body = json.dumps({"model": "gpt-4o-mini-before", "messages": [{"role": "user", "content": "hi"}]})
+for turn in range(2):
+    if turn == 1:
+        sys.stdin.readline()
+    conn.request("POST", "/v1/chat/completions", body=body, headers={"Content-Type": "application/json"})
+    response = conn.getresponse()
+    assert response.status == 200, response.status
+    response.read()
+print("ok")
+"#;
+
 /// node's http module (libuv: writev and read).
 const NODE_PLAIN: &str = r#"
 const http = require("http");
@@ -215,8 +230,20 @@ fn plain_http_to_a_local_model_server_is_metered_exactly() {
     let dir = tempfile::tempdir().expect("tempdir");
     let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port").port();
     let mock = MockLlm::start_plain(dir.path(), port);
+    // A keep-alive client whose connection is older than the daemon: its first call
+    // is before the daemon starts (not metered), its second after (metered).
+    let mut before = Command::new("python3");
+    before.arg("-c").arg(PYTHON_KEEP_ALIVE).env("GAUGE_TEST_PORT", port.to_string()).env("GAUGE_AGENT", "plain-before");
+    let before = Held::start("python keep-alive", &mut before);
+    let start = std::time::Instant::now();
+    while mock.received("gpt-4o-mini-before") < 1 {
+        assert!(start.elapsed() < Duration::from_secs(20), "the keep-alive client's first call did not arrive");
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let mut daemon = Daemon::start(&format!("[capture]\nplain_http_ports = [{port}]\n"));
     daemon.wait_healthy();
+    let out = before.go("python keep-alive");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "ok");
     let plain_port = port.to_string();
     let env = [("GAUGE_TEST_PORT", plain_port.as_str())];
     let run = |what: &str, cmd: &mut Command, agent: &str| {
@@ -233,7 +260,7 @@ fn plain_http_to_a_local_model_server_is_metered_exactly() {
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "ok");
     run_go_on(&daemon, go_client(false), &[], port, "plain", 2, "plain-go");
 
-    let wanted = [("plain-python", 2.0), ("plain-curl", 1.0), ("plain-node", 1.0), ("plain-go", 2.0)];
+    let wanted = [("plain-python", 2.0), ("plain-curl", 1.0), ("plain-node", 1.0), ("plain-go", 2.0), ("plain-before", 1.0)];
     let start = std::time::Instant::now();
     let text = loop {
         let (_, text) = daemon.get("/metrics").expect("scrape");

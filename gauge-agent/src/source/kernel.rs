@@ -14,9 +14,9 @@ use aya::{
 use gauge_common::{
     enforce::{ConnectionKey, Enforcement},
     maps::{
-        CANARY_HITS, ENFORCE, EVENTS, GLOBAL_MAX_CALL_BYTES, GLOBAL_WRITE_AT_ENTRY, LLM_CONNECTIONS, PLAIN_PORTS, STATS, programs as prog,
+        CANARY_HITS, ENFORCE, EVENTS, GLOBAL_MAX_CALL_BYTES, GLOBAL_WRITE_AT_ENTRY, LLM_CONNECTIONS, PLAIN_FDS, PLAIN_PORTS, STATS, programs as prog,
     },
-    tls::{self, stat},
+    tls::{self, PlainSocket, stat},
 };
 
 use super::{elf::TlsSymbols, golang, tracefs};
@@ -218,6 +218,20 @@ impl KernelCapture {
             }
         }
         Ok(attached)
+    }
+
+    /// Marks sockets found already connected to a listed port (see `source::plain`),
+    /// as `connect` would have; returns how many.
+    pub fn mark_plain_sockets(&mut self, sockets: &[(u32, u32)]) -> Result<usize, KernelError> {
+        let map = self.ebpf.map_mut(PLAIN_FDS).ok_or(KernelError::Missing(PLAIN_FDS))?;
+        let mut marked: HashMap<_, PlainSocket, u64> = HashMap::try_from(map).map_err(|source| KernelError::Map { name: PLAIN_FDS, source })?;
+        // Ids with bits 63 and 62 set: never an SSL*, never one the kernel makes from
+        // its clock (bit 63 only, and years below 2^62 ns).
+        for (i, (tgid, fd)) in sockets.iter().enumerate() {
+            let id = 3 << 62 | i as u64;
+            marked.insert(PlainSocket { tgid: *tgid, fd: *fd }, id, 0).map_err(|source| KernelError::Map { name: PLAIN_FDS, source })?;
+        }
+        Ok(sockets.len())
     }
 
     /// The ring buffer of captured records (can be taken once).

@@ -9,7 +9,7 @@ use std::{
     fs::File,
     os::fd::AsRawFd,
     collections::BinaryHeap,
-    path::PathBuf,
+    path::{Path, PathBuf},
     sync::{
         Arc, Mutex, OnceLock,
         atomic::{AtomicU64, Ordering::Relaxed},
@@ -130,7 +130,10 @@ pub fn start(options: CaptureOptions, state: Arc<CaptureState>) -> Result<Captur
     let mut kernel = KernelCapture::load(load)?;
     let plain = kernel.capture_plain_http(&options.plain_http_ports)?;
     if plain > 0 {
-        tracing::info!(ports = ?options.plain_http_ports, tracepoints = plain, "following plain-HTTP connections to local model servers");
+        // After the tracepoints, so a connection made meanwhile is marked either way.
+        let open = super::plain::established(Path::new("/proc"), &discovery::all_pids(Path::new("/proc")), &options.plain_http_ports);
+        let marked = kernel.mark_plain_sockets(&open)?;
+        tracing::info!(ports = ?options.plain_http_ports, tracepoints = plain, already_open = marked, "following plain-HTTP connections to local model servers");
     }
     let ring = kernel.take_ring()?;
     let stats = kernel.take_stats()?;

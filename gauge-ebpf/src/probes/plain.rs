@@ -15,11 +15,11 @@ use aya_ebpf::{
     macros::tracepoint,
     programs::TracePointContext,
 };
-use gauge_common::tls::kind;
+use gauge_common::tls::{PlainSocket, kind};
 
 use crate::{
     emit,
-    maps::{PLAIN_CONNECTING, PLAIN_FDS, PLAIN_IO, PLAIN_PORTS, PlainCall, PlainSocket},
+    maps::{PLAIN_CONNECTING, PLAIN_FDS, PLAIN_IO, PLAIN_PORTS, PlainCall},
 };
 
 /// Syscall tracepoint fields: the arguments from offset 16, 8 bytes each; at exit
