@@ -4,7 +4,8 @@
 // TLS at all ("plain", as to a local model server). Prints "ok" when every call
 // answered 200 with its body read to the end.
 //
-// Usage: llm_client h1|h2|plain CALLS  (port in GAUGE_TEST_PORT). It first waits for a
+// Usage: llm_client h1|h2|plain CALLS  (port in GAUGE_TEST_PORT, model in
+// GAUGE_TEST_MODEL, default gpt-4o-mini). It first waits for a
 // line on stdin, so a test can let the daemon attach to it before it calls.
 package main
 
@@ -32,6 +33,10 @@ func main() {
 		transport = &http.Transport{TLSNextProto: map[string]func(string, *tls.Conn) http.RoundTripper{}}
 	}
 	client := &http.Client{Transport: transport}
+	model := os.Getenv("GAUGE_TEST_MODEL")
+	if model == "" {
+		model = "gpt-4o-mini"
+	}
 	bufio.NewReader(os.Stdin).ReadString('\n')
 	scheme := "https"
 	if mode == "plain" {
@@ -40,8 +45,8 @@ func main() {
 	url := scheme + "://127.0.0.1:" + os.Getenv("GAUGE_TEST_PORT") + "/v1/chat/completions"
 	for i := 0; i < n; i++ {
 		stream := i%2 == 1
-		body := fmt.Sprintf(`{"model":"gpt-4o-mini","messages":[{"role":"user","content":"call %d from go"}],"stream":%t,"stream_options":%s}`,
-			i, stream, map[bool]string{true: `{"include_usage":true}`, false: "null"}[stream])
+		body := fmt.Sprintf(`{"model":"%s","messages":[{"role":"user","content":"call %d from go"}],"stream":%t,"stream_options":%s}`,
+			model, i, stream, map[bool]string{true: `{"include_usage":true}`, false: "null"}[stream])
 		req, err := http.NewRequest("POST", url, bytes.NewReader([]byte(body)))
 		if err != nil {
 			panic(err)

@@ -57,8 +57,16 @@ fn a_replaced_library_is_hooked_anew_and_a_missing_one_is_counted() {
     std::fs::copy("/usr/lib/x86_64-linux-gnu/libssl.so.3", &staged).expect("stage the new libssl");
     std::fs::rename(&staged, &lib).expect("replace libssl");
     wait_for_metric(&world, "gauge_probe_files_replaced_total", 1.0);
-    let (_, targets) = world.daemon.get("/targets").expect("targets");
-    assert_eq!(targets.matches(&*lib.display().to_string()).count(), 2, "old and new file both listed: {targets}");
+    // The targets are published once the sweep that found the new file has ended.
+    let start = Instant::now();
+    loop {
+        let (_, targets) = world.daemon.get("/targets").expect("targets");
+        if targets.matches(&*lib.display().to_string()).count() == 2 {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(20), "old and new file not both listed: {targets}");
+        thread::sleep(Duration::from_millis(100));
+    }
 
     // A process loading the new file (ahead of the system's) is metered through it.
     let mut python = clients::python(&world.cert, CHAT);

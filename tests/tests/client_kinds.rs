@@ -92,6 +92,34 @@ fn go_crypto_tls_calls_are_metered_exactly_over_http1_and_http2() {
 }
 
 #[test]
+fn a_go_agent_over_its_budget_is_stopped_before_the_next_request_leaves() {
+    if !kernel_tests_enabled("Go under a budget") {
+        return;
+    }
+    let config = "[[prices]]\nmodel = \"budget-model\"\ninput = 1000\noutput = 1000\n\n\
+        [[policies]]\nname = \"go-budget\"\nagent = \"go-budget-bot\"\nscope = \"agent\"\nmax_cost_usd = 0.05\nwindow = \"30d\"\naction = \"kill\"\ngate = true\n";
+    let world = World::start(config);
+    let binary = go_client(false);
+    let mut cmd = Command::new(binary);
+    cmd.args(["h1", "5"])
+        .env("GAUGE_TEST_PORT", world.mock.port.to_string())
+        .env("GAUGE_TEST_MODEL", "budget-model")
+        .env("SSL_CERT_FILE", &world.cert)
+        .env("GAUGE_AGENT", "go-budget-bot")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    let mut child = cmd.spawn().expect("start the Go client");
+    world.daemon.log.wait_for(&["attached", &binary.display().to_string()], Duration::from_secs(20));
+    drop(child.stdin.take());
+    // Each call costs (21 + 7) tokens x $1000 per million = $0.028: the second spends
+    // the $0.05, so the third is held at crypto/tls.(*Conn).Write and the agent killed.
+    let status = gauge_tests::agent::wait_timeout(&mut child, Duration::from_secs(30)).expect("the Go client ends");
+    assert_eq!(std::os::unix::process::ExitStatusExt::signal(&status), Some(libc::SIGKILL), "{}", world.daemon.log.text());
+    assert_eq!(world.mock.received("budget-model"), 2, "{}", world.daemon.log.text());
+}
+
+#[test]
 fn gnutls_calls_are_metered_exactly() {
     if !kernel_tests_enabled("GnuTLS") {
         return;

@@ -128,12 +128,20 @@ pub fn start(options: CaptureOptions, state: Arc<CaptureState>) -> Result<Captur
     let load = LoadOptions { return_probes: decision.on, ..options.load };
     let _ = state.return_probes.set(decision);
     let mut kernel = KernelCapture::load(load)?;
-    let plain = kernel.capture_plain_http(&options.plain_http_ports)?;
-    if plain > 0 {
-        // After the tracepoints, so a connection made meanwhile is marked either way.
-        let open = super::plain::established(Path::new("/proc"), &discovery::all_pids(Path::new("/proc")), &options.plain_http_ports);
-        let marked = kernel.mark_plain_sockets(&open)?;
-        tracing::info!(ports = ?options.plain_http_ports, tracepoints = plain, already_open = marked, "following plain-HTTP connections to local model servers");
+    // Plain HTTP is an addition: where its tracepoints cannot be had (no tracefs, or
+    // no right to read it), TLS capture goes on and the failure is counted.
+    match kernel.capture_plain_http(&options.plain_http_ports) {
+        Ok(0) => {}
+        Ok(plain) => {
+            // After the tracepoints, so a connection made meanwhile is marked either way.
+            let open = super::plain::established(Path::new("/proc"), &discovery::all_pids(Path::new("/proc")), &options.plain_http_ports);
+            let marked = kernel.mark_plain_sockets(&open)?;
+            tracing::info!(ports = ?options.plain_http_ports, tracepoints = plain, already_open = marked, "following plain-HTTP connections to local model servers");
+        }
+        Err(error) => {
+            state.counters.attach_refused.fetch_add(1, Relaxed);
+            tracing::warn!(%error, ports = ?options.plain_http_ports, "plain-HTTP capture is off: calls to local model servers are not seen (TLS capture is unaffected)");
+        }
     }
     let ring = kernel.take_ring()?;
     let stats = kernel.take_stats()?;
