@@ -217,6 +217,8 @@ def main():
         config.certfile, config.keyfile = cert, key
         config.alpn_protocols = ["h2", "http/1.1"]
     config.accesslog = None
+    # Kept-alive connections outlive a daemon's start (hypercorn's default is 5 s).
+    config.keep_alive_timeout = 600
     tmp = port_file + ".tmp"
     with open(tmp, "w") as f:
         f.write(str(sock.getsockname()[1]))

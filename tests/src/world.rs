@@ -69,15 +69,20 @@ impl World {
 
     /// Scrapes once every label set has at least its number of requests (or after 20 s).
     pub fn scrape(&self, wanted: &[(&Labels<'_>, f64)]) -> Scrape<'_> {
-        let start = Instant::now();
-        loop {
-            let (_, text) = self.daemon.get("/metrics").expect("scrape");
-            let done = wanted.iter().all(|(labels, n)| sum(&text, "gauge_llm_requests_total", labels) >= *n);
-            if done || start.elapsed() > Duration::from_secs(20) {
-                return Scrape { text, daemon: &self.daemon };
-            }
-            thread::sleep(Duration::from_millis(100));
+        scrape(&self.daemon, wanted)
+    }
+}
+
+/// [`World::scrape`] of any daemon.
+pub fn scrape<'a>(daemon: &'a Daemon, wanted: &[(&Labels<'_>, f64)]) -> Scrape<'a> {
+    let start = Instant::now();
+    loop {
+        let (_, text) = daemon.get("/metrics").expect("scrape");
+        let done = wanted.iter().all(|(labels, n)| sum(&text, "gauge_llm_requests_total", labels) >= *n);
+        if done || start.elapsed() > Duration::from_secs(20) {
+            return Scrape { text, daemon };
         }
+        thread::sleep(Duration::from_millis(100));
     }
 }
 

@@ -13,7 +13,7 @@ use gauge_tests::{
     clients::{self, Held},
     kernel_tests_enabled,
     mock::MockLlm,
-    world::{World, sum},
+    world::{World, scrape, with},
 };
 
 /// The mock's usage per chat call: 21 prompt tokens of which 5 cached, 7 completion.
@@ -288,22 +288,13 @@ fn plain_http_to_a_local_model_server_is_metered_exactly() {
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "ok");
     run_go_on(&daemon, go_client(false), &[], port, "plain", 2, "plain-go");
 
-    let wanted = [("plain-python", 2.0), ("plain-curl", 1.0), ("plain-node", 1.0), ("plain-go", 2.0), ("plain-before", 1.0)];
-    let start = std::time::Instant::now();
-    let text = loop {
-        let (_, text) = daemon.get("/metrics").expect("scrape");
-        let done = wanted.iter().all(|(agent, n)| sum(&text, "gauge_llm_requests_total", &[("agent", agent)]) >= *n);
-        if done || start.elapsed() > Duration::from_secs(20) {
-            break text;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    for (agent, calls) in wanted {
-        let labels = [("agent", agent), ("status", "200")];
-        let got = |metric: &str, extra: &[(&str, &str)]| sum(&text, metric, &[&labels[..], extra].concat());
-        assert_eq!(got("gauge_llm_requests_total", &[]), calls, "{agent}\n{text}\n{}", daemon.log.text());
-        let tokens = |kind: &str| sum(&text, "gauge_llm_tokens_total", &[("agent", agent), ("kind", kind)]);
-        assert_eq!((tokens("input"), tokens("cache_read"), tokens("output")), (calls * INPUT, calls * CACHE_READ, calls * OUTPUT), "{agent}\n{text}");
+    let agents = [("plain-python", 2.0), ("plain-curl", 1.0), ("plain-node", 1.0), ("plain-go", 2.0), ("plain-before", 1.0)];
+    let labels: Vec<[(&str, &str); 1]> = agents.iter().map(|(agent, _)| [("agent", *agent)]).collect();
+    let wanted: Vec<(&[(&str, &str)], f64)> = labels.iter().zip(&agents).map(|(l, (_, n))| (&l[..], *n)).collect();
+    let m = scrape(&daemon, &wanted);
+    for (labels, calls) in wanted {
+        m.check("gauge_llm_requests_total", &with(labels, &[("status", "200")]), calls);
+        m.tokens(labels, &[("input", calls * INPUT), ("cache_read", calls * CACHE_READ), ("output", calls * OUTPUT)]);
     }
     drop(mock);
 }

@@ -155,40 +155,28 @@ impl KernelCapture {
     /// first error, if any (a file is still useful when, say, `SSL_free` could not
     /// be hooked).
     pub fn attach(&mut self, path: &Path, symbols: &TlsSymbols) -> (usize, usize, Option<String>) {
-        let mut attached = 0;
-        let mut refused = 0;
-        let mut first_error = None;
+        // (symbol, program, file offset) of every probe this file gets.
+        let mut points: Vec<(&str, &'static str, u64)> = Vec::new();
         for hook in HOOKS {
-            let symbol = hook.0;
-            let Some(&offset) = symbols.offsets.get(symbol) else { continue };
-            for name in hook_programs(hook, self.return_probes) {
-                let result = uprobe(&mut self.ebpf, name).and_then(|p| {
-                    p.attach(offset, path, UProbeScope::AllProcesses)
-                        .map_err(|source| KernelError::Program { name, source })
-                });
-                match result {
-                    Ok(_) => attached += 1,
-                    Err(error) => {
-                        refused += 1;
-                        first_error.get_or_insert_with(|| format!("{symbol}: {}", chain(&error)));
-                    }
-                }
+            if let Some(&offset) = symbols.offsets.get(hook.0) {
+                points.extend(hook_programs(hook, self.return_probes).map(|name| (hook.0, name, offset)));
             }
         }
         for (symbol, entry, ret) in GO_HOOKS {
             let Some(&offset) = symbols.offsets.get(symbol) else { continue };
+            points.push((symbol, entry, offset));
             let returns = symbols.returns.get(symbol).map(Vec::as_slice).unwrap_or_default();
-            let points = std::iter::once((entry, offset)).chain(ret.into_iter().flat_map(|ret| returns.iter().map(move |r| (ret, *r))));
-            for (name, offset) in points {
-                let result = uprobe(&mut self.ebpf, name).and_then(|p| {
-                    p.attach(offset, path, UProbeScope::AllProcesses).map_err(|source| KernelError::Program { name, source })
-                });
-                match result {
-                    Ok(_) => attached += 1,
-                    Err(error) => {
-                        refused += 1;
-                        first_error.get_or_insert_with(|| format!("{symbol} at {offset:#x}: {}", chain(&error)));
-                    }
+            points.extend(ret.into_iter().flat_map(|ret| returns.iter().map(move |r| (symbol, ret, *r))));
+        }
+        let (mut attached, mut refused, mut first_error) = (0, 0, None);
+        for (symbol, name, offset) in points {
+            let result = uprobe(&mut self.ebpf, name)
+                .and_then(|p| p.attach(offset, path, UProbeScope::AllProcesses).map_err(|source| KernelError::Program { name, source }));
+            match result {
+                Ok(_) => attached += 1,
+                Err(error) => {
+                    refused += 1;
+                    first_error.get_or_insert_with(|| format!("{symbol} at {offset:#x}: {}", chain(&error)));
                 }
             }
         }

@@ -243,7 +243,7 @@ fn offer(planner: &mut Planner, kernel: &mut KernelCapture, open: &mut Vec<File>
     // A process's files vanish when it exits: only the files named up front (linker
     // cache, config) count as failures when they cannot be read.
     let named = matches!(candidate.reason, discovery::Reason::LinkerCache | discovery::Reason::Config);
-    let file = match File::open(&candidate.open_path).and_then(|file| discovery::file_id_of(&file).map(|id| (file, id))) {
+    let (file, id) = match File::open(&candidate.open_path).and_then(|file| discovery::file_id_of(&file).map(|id| (file, id))) {
         Ok(found) => found,
         Err(error) => {
             if named && planner.note_unreadable(&candidate, &error.to_string()) {
@@ -253,7 +253,6 @@ fn offer(planner: &mut Planner, kernel: &mut KernelCapture, open: &mut Vec<File>
             return;
         }
     };
-    let (file, id) = file;
     let fd_path = PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()));
     if let Some(previous) = planner.replaced(&candidate, id) {
         counters.files_replaced.fetch_add(1, Relaxed);
@@ -301,34 +300,31 @@ fn discovery_loop(
     loop {
         let next_at = rescans.peek().map_or(sweep_at, |Reverse((at, _))| (*at).min(sweep_at));
         let before = planner.targets().len();
+        let mut candidates = Vec::new();
         match execs.recv_timeout(next_at.saturating_duration_since(Instant::now())) {
             Ok(pid) => {
                 let now = Instant::now();
                 rescans.extend(RESCAN_AFTER.iter().map(|d| Reverse((now + *d, pid))));
-                for candidate in discovery::process_candidates(&proc_root, pid) {
-                    offer(&mut planner, &mut kernel, &mut open, &state.counters, candidate);
-                }
+                candidates = discovery::process_candidates(&proc_root, pid);
             }
             Err(std_mpsc::RecvTimeoutError::Timeout) => {
                 let now = Instant::now();
                 if now >= sweep_at {
                     sweep_at = now + rescan.every;
-                    let mut candidates = discovery::startup_candidates(&rescan.extra_targets);
+                    candidates = discovery::startup_candidates(&rescan.extra_targets);
                     for pid in discovery::all_pids(&proc_root) {
                         candidates.extend(discovery::process_candidates(&proc_root, pid));
-                    }
-                    for candidate in candidates {
-                        offer(&mut planner, &mut kernel, &mut open, &state.counters, candidate);
                     }
                 }
                 while rescans.peek().is_some_and(|Reverse((at, _))| *at <= now) {
                     let Some(Reverse((_, pid))) = rescans.pop() else { break };
-                    for candidate in discovery::process_candidates(&proc_root, pid) {
-                        offer(&mut planner, &mut kernel, &mut open, &state.counters, candidate);
-                    }
+                    candidates.extend(discovery::process_candidates(&proc_root, pid));
                 }
             }
             Err(std_mpsc::RecvTimeoutError::Disconnected) => return,
+        }
+        for candidate in candidates {
+            offer(&mut planner, &mut kernel, &mut open, &state.counters, candidate);
         }
         if planner.targets().len() != before {
             state.targets.send_replace(planner.targets().to_vec());

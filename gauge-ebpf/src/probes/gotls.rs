@@ -68,15 +68,21 @@ pub fn go_tls_write_entry(ctx: ProbeContext) -> u32 {
     0
 }
 
-/// A RET of `(*Conn).Write`: `n` bytes of `b` were sent.
-#[uprobe]
-pub fn go_tls_write_return(ctx: ProbeContext) -> u32 {
-    let r = regs(&ctx);
-    match take(&GO_WRITE_ARGS, r.r14) {
-        Some(call) if (r.rax as i64) > 0 => emit::call(kind::WRITE, call.ssl, call.buf, r.rax.min(u32::MAX as u64) as u32),
+/// At a RET of Write or Read: the call's `n` bytes of `b` were sent or received.
+#[inline(always)]
+fn finish(ctx: &ProbeContext, calls: &LruHashMap<GoCall, SavedCall>, kind: u32) {
+    let r = regs(ctx);
+    match take(calls, r.r14) {
+        Some(call) if (r.rax as i64) > 0 => emit::call(kind, call.ssl, call.buf, r.rax.min(u32::MAX as u64) as u32),
         Some(_) => {}
         None => count(stat::MISSING_ENTRY, 1),
     }
+}
+
+/// A RET of `(*Conn).Write`.
+#[uprobe]
+pub fn go_tls_write_return(ctx: ProbeContext) -> u32 {
+    finish(&ctx, &GO_WRITE_ARGS, kind::WRITE);
     0
 }
 
@@ -92,12 +98,7 @@ pub fn go_tls_read_entry(ctx: ProbeContext) -> u32 {
 /// A RET of `(*Conn).Read`: `b[:n]` holds plaintext.
 #[uprobe]
 pub fn go_tls_read_return(ctx: ProbeContext) -> u32 {
-    let r = regs(&ctx);
-    match take(&GO_READ_ARGS, r.r14) {
-        Some(call) if (r.rax as i64) > 0 => emit::call(kind::READ, call.ssl, call.buf, r.rax.min(u32::MAX as u64) as u32),
-        Some(_) => {}
-        None => count(stat::MISSING_ENTRY, 1),
-    }
+    finish(&ctx, &GO_READ_ARGS, kind::READ);
     0
 }
 
