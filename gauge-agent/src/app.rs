@@ -30,6 +30,8 @@ use crate::{
 
 /// How often the config file is looked at for changes (policies hot-reload).
 const RELOAD_POLL: Duration = Duration::from_secs(2);
+/// Most capture events handled in one turn of the daemon's loop.
+const EVENTS_PER_TURN: usize = 1024;
 
 /// `gauge-agent run`.
 pub async fn run(mut config: Config, config_path: Option<PathBuf>, listen: Option<SocketAddr>, dry_run: bool) -> anyhow::Result<()> {
@@ -92,18 +94,23 @@ pub async fn run(mut config: Config, config_path: Option<PathBuf>, listen: Optio
         tokio::select! {
             event = events.recv() => match event {
                 Some(event) => {
-                    for done in pipeline.feed(&event) {
-                        if let Some(otlp) = &otlp {
-                            otlp.send(done);
+                    // What else is queued is taken too (up to a bound, so timers and
+                    // signals are not kept waiting behind a flood).
+                    let queued = std::iter::from_fn(|| events.try_recv()).take(EVENTS_PER_TURN);
+                    for event in std::iter::once(event).chain(queued) {
+                        for done in pipeline.feed(&event) {
+                            if let Some(otlp) = &otlp {
+                                otlp.send(done);
+                            }
+                            let (c, who) = (&done.metered.call, &done.who);
+                            tracing::debug!(
+                                call_id = %done.call_id(), pid = who.pid, exe = %who.exe, agent = %who.agent, workflow = %who.workflow,
+                                provider = c.provider.label(), model = c.model(), status = ?c.status,
+                                usage = ?c.usage, cost_usd = done.cost.map(|c| c.usd()), incomplete = c.incomplete, "LLM call"
+                            );
                         }
-                        let (c, who) = (&done.metered.call, &done.who);
-                        tracing::debug!(
-                            call_id = %done.call_id(), pid = who.pid, exe = %who.exe, agent = %who.agent, workflow = %who.workflow,
-                            provider = c.provider.label(), model = c.model(), status = ?c.status,
-                            usage = ?c.usage, cost_usd = done.cost.map(|c| c.usd()), incomplete = c.incomplete, "LLM call"
-                        );
+                        executor.run(pipeline.take_commands(), Instant::now());
                     }
-                    executor.run(pipeline.take_commands(), Instant::now());
                 }
                 None => {
                     executor.release_all();
@@ -285,6 +292,33 @@ pub fn targets(listen: SocketAddr, json: bool, token_file: Option<&Path>) -> any
             println!("  not fully hooked: {error}");
         }
     }
+    Ok(())
+}
+
+/// `gauge-agent __probe-floor`: the benchmark's counting-only probes on `file`.
+pub fn probe_floor(file: &Path, exported: bool) -> anyhow::Result<()> {
+    use std::io::{Read as _, Write as _};
+    let mut symbols = crate::source::elf::inspect(file)?;
+    if exported {
+        symbols.offsets.clear();
+        for name in ["SSL_write", "SSL_write_ex", "SSL_read", "SSL_read_ex"] {
+            if let Some(offset) = crate::source::elf::function_offset(file, name)? {
+                symbols.offsets.insert(name, offset);
+            }
+        }
+    }
+    let mut probe = crate::source::kernel::FloorProbe::load()?;
+    let attached = probe.attach(file, &symbols)?;
+    if attached == 0 {
+        anyhow::bail!("{} has no read or write function Gauge hooks", file.display());
+    }
+    let mut stdout = std::io::stdout();
+    writeln!(stdout, "attached {attached}")?;
+    stdout.flush()?;
+    // Counting goes on in the kernel until the bench closes our stdin.
+    let _ = std::io::stdin().read_to_end(&mut Vec::new());
+    let (entries, returns) = probe.hits()?;
+    writeln!(stdout, "entries={entries} returns={returns}")?;
     Ok(())
 }
 

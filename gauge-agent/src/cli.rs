@@ -128,6 +128,18 @@ pub enum Command {
         #[arg(long)]
         forbidden_syscall: bool,
     },
+    /// Counting-only probes at the read and write functions of FILE, where the daemon
+    /// would probe them (`cargo xtask bench`'s floor). Prints "attached N", counts
+    /// until stdin closes, then prints "entries=E returns=R".
+    #[command(name = "__probe-floor", hide = true)]
+    ProbeFloor {
+        /// A TLS library or executable.
+        file: PathBuf,
+        /// At the exported functions' first instructions (OpenSSL 3.0's
+        /// `SSL_write` etc.), not the internal functions the daemon prefers.
+        #[arg(long)]
+        exported: bool,
+    },
 }
 
 /// `--interval`: seconds, at least 0.1 (a tighter loop would only load the daemon).

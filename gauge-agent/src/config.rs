@@ -11,7 +11,7 @@ use crate::{
     metering::{cardinality::LabelLimits, outcomes::OutcomesConfig, prices::PriceEntry},
     policy::config::{EnforcementConfig, PolicyConfig},
     reassembly::Limits,
-    source::{hazards::ReturnProbes, kernel::LoadOptions, runtime::CaptureOptions},
+    source::{hazards::ReturnProbes, kernel::LoadOptions, runtime::{CaptureOptions, PlainHttp}},
 };
 
 /// The configuration used when no `--config` is given.
@@ -126,6 +126,9 @@ pub struct Capture {
     /// Ports of local model servers spoken to in plain HTTP (Ollama's 11434...),
     /// captured from syscall tracepoints.
     pub plain_http_ports: Vec<u16>,
+    /// Whether those tracepoints are attached: "auto" once a process on the host
+    /// listens on one of the ports.
+    pub plain_http: PlainHttp,
     /// How often every process is looked at again for TLS libraries it loaded late
     /// (`dlopen`) and for hooked libraries replaced at their path.
     #[serde(deserialize_with = "duration")]
@@ -142,7 +145,7 @@ impl Default for Server {
 
 impl Default for Capture {
     fn default() -> Self {
-        Self { ring_buffer_bytes: 16 << 20, max_call_bytes: gauge_common::tls::MAX_CALL_BYTES, queue_events: 65536, queue_bytes: 16 << 20, extra_targets: Vec::new(), plain_http_ports: vec![11434], rescan_interval: std::time::Duration::from_secs(60), return_probes: ReturnProbes::Auto }
+        Self { ring_buffer_bytes: 16 << 20, max_call_bytes: gauge_common::tls::MAX_CALL_BYTES, queue_events: 65536, queue_bytes: 16 << 20, extra_targets: Vec::new(), plain_http_ports: vec![11434], plain_http: PlainHttp::Auto, rescan_interval: std::time::Duration::from_secs(60), return_probes: ReturnProbes::Auto }
     }
 }
 
@@ -270,6 +273,7 @@ impl Config {
             queue_bytes: self.capture.queue_bytes,
             extra_targets: self.capture.extra_targets.clone(),
             plain_http_ports: self.capture.plain_http_ports.clone(),
+            plain_http: self.capture.plain_http,
             rescan_interval: self.capture.rescan_interval,
             return_probes: self.capture.return_probes,
         }
@@ -365,6 +369,15 @@ mod tests {
         assert_eq!(config.agents.len(), 1);
         assert!(config.attribution.customer.enabled && config.attribution.agent_env.is_empty());
         assert_eq!(config.labels.model, 50);
+    }
+
+    #[test]
+    fn plain_http_is_auto_on_or_off() {
+        assert_eq!(Config::load(None).expect("default").capture.plain_http, PlainHttp::Auto);
+        let config = Config::parse("[capture]\nplain_http = \"on\"\n", "g.toml").expect("on parses");
+        assert_eq!(config.capture_options().plain_http, PlainHttp::On);
+        let err = Config::parse("[capture]\nplain_http = \"always\"\n", "g.toml").expect_err("not a mode").to_string();
+        assert!(err.contains("plain_http") && err.contains("line 2"), "{err}");
     }
 
     #[test]

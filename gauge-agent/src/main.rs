@@ -48,5 +48,6 @@ fn main() -> anyhow::Result<()> {
         Command::CheckConfig { file } => app::check_config(&file),
         // Ran (and exited) above.
         Command::UretprobeCanary { .. } => Ok(()),
+        Command::ProbeFloor { file, exported } => app::probe_floor(&file, exported),
     }
 }

@@ -15,6 +15,9 @@ pub const GLOBAL_MAX_CALL_BYTES: &str = "MAX_CALL_BYTES";
 pub const GLOBAL_SELF_TGID: &str = "SELF_TGID";
 /// Array of one `u64`: how often the start-up canary's return probe fired.
 pub const CANARY_HITS: &str = "CANARY_HITS";
+/// Per-CPU array of two `u64`: entries and returns seen by the benchmark's
+/// counting-only probes.
+pub const FLOOR_HITS: &str = "FLOOR_HITS";
 /// Global `u32`: 1 when writes are emitted at `SSL_write*` entry because return
 /// probes are off (see `gauge-agent` `source::hazards`).
 pub const GLOBAL_WRITE_AT_ENTRY: &str = "WRITE_AT_ENTRY";
@@ -58,4 +61,7 @@ pub mod programs {
     pub const SCHED_PROCESS_EXEC: &str = "sched_process_exec";
     /// The start-up canary's no-op return probe.
     pub const CANARY_RETURN: &str = "canary_return";
+    /// The benchmark's counting-only probes (`gauge-agent __probe-floor`).
+    pub const FLOOR_ENTRY: &str = "floor_entry";
+    pub const FLOOR_RETURN: &str = "floor_return";
 }

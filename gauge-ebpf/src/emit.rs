@@ -7,11 +7,19 @@ use aya_ebpf::helpers::{
 use core::ffi::c_void;
 use gauge_common::tls::{CHUNK_BYTES, HEADER_BYTES, MAX_CHUNKS_PER_CALL, kind, stat};
 
-use crate::maps::{Chunk, EVENTS, SCRATCH, SHARES, Share, count, max_call_bytes};
+use crate::maps::{Chunk, EVENTS, LAST_WAKEUP, SCRATCH, SHARES, Share, count, max_call_bytes};
 
 /// `bpf_ringbuf_query` flags.
 const BPF_RB_AVAIL_DATA: u64 = 0;
 const BPF_RB_RING_SIZE: u64 = 1;
+/// `bpf_ringbuf_output` flags.
+const BPF_RB_NO_WAKEUP: u64 = 1;
+const BPF_RB_FORCE_WAKEUP: u64 = 2;
+/// After a record that may wake user space, others skip the wakeup for this long;
+/// user space, once woken, looks at the ring every few milliseconds for a second
+/// (see `gauge-agent` `source::runtime`), so it finds them without one. Shorter
+/// than that second, or a record could wait for the next wakeup.
+const WAKEUP_INTERVAL_NS: u64 = 50_000_000;
 /// The window over which a process's share of the ring is counted.
 const SHARE_WINDOW_NS: u64 = 100_000_000;
 
@@ -27,9 +35,7 @@ const SHARE_WINDOW_NS: u64 = 100_000_000;
 /// the ring, which stays for processes sending ordinary amounts (they never reach
 /// their share, so their windows start afresh as usual).
 #[inline(always)]
-fn admitted(tgid: u32, now_ns: u64, bytes: u64) -> bool {
-    let size = EVENTS.query(BPF_RB_RING_SIZE);
-    let pending = EVENTS.query(BPF_RB_AVAIL_DATA);
+fn admitted(tgid: u32, now_ns: u64, bytes: u64, size: u64, pending: u64) -> bool {
     if pending < size / 4 {
         return true;
     }
@@ -60,6 +66,26 @@ fn admitted(tgid: u32, now_ns: u64, bytes: u64) -> bool {
     true
 }
 
+/// Whether this record wakes user space. Waking it for every record cost about
+/// 5x the kernel and agent time of waking it now and then; so data records wake it
+/// at most once per [`WAKEUP_INTERVAL_NS`] (the kernel's default then wakes it only
+/// if it is not already reading), or at once when the ring is an eighth full.
+/// Records a stopped process or a new program waits on always wake it.
+#[inline(always)]
+fn wakeup(kind: u32, now_ns: u64, size: u64, pending: u64) -> u64 {
+    if kind == kind::HELD || kind == kind::STOPPED || kind == kind::EXEC || pending > size / 8 {
+        return BPF_RB_FORCE_WAKEUP;
+    }
+    let Some(last) = LAST_WAKEUP.get_ptr_mut(0) else { return 0 };
+    // SAFETY: a live map value; a race between CPUs costs at most an extra wakeup.
+    let last = unsafe { &mut *last };
+    if now_ns > *last && now_ns - *last < WAKEUP_INTERVAL_NS {
+        return BPF_RB_NO_WAKEUP;
+    }
+    *last = now_ns;
+    0
+}
+
 /// The per-CPU scratch record with its header filled for the current task.
 #[inline(always)]
 fn scratch(kind: u32, connection: u64, call_len: u32) -> Option<&'static mut Chunk> {
@@ -88,7 +114,9 @@ fn output(chunk: &mut Chunk, len: usize) -> bool {
     // Only plaintext is rationed: markers are tiny, and a held request must reach
     // user space, whose process waits stopped for the decision.
     let data = chunk.header.kind == kind::WRITE || chunk.header.kind == kind::READ;
-    if data && !admitted(chunk.header.tgid, chunk.header.timestamp_ns, (HEADER_BYTES + len) as u64) {
+    let size = EVENTS.query(BPF_RB_RING_SIZE);
+    let pending = EVENTS.query(BPF_RB_AVAIL_DATA);
+    if data && !admitted(chunk.header.tgid, chunk.header.timestamp_ns, (HEADER_BYTES + len) as u64, size, pending) {
         count(stat::EVENTS_THROTTLED, 1);
         count(stat::BYTES_THROTTLED, len as u64);
         return false;
@@ -100,6 +128,7 @@ fn output(chunk: &mut Chunk, len: usize) -> bool {
         return true;
     }
     chunk.header.chunk_len = len as u32;
+    let flags = wakeup(chunk.header.kind, chunk.header.timestamp_ns, size, pending);
     // SAFETY: `chunk` is a valid map value of HEADER_BYTES + CHUNK_BYTES bytes and
     // `len <= CHUNK_BYTES`.
     let ret = unsafe {
@@ -107,7 +136,7 @@ fn output(chunk: &mut Chunk, len: usize) -> bool {
             (&raw const EVENTS).cast_mut().cast(),
             (chunk as *mut Chunk).cast(),
             (HEADER_BYTES + len) as u64,
-            0,
+            flags,
         )
     };
     if ret == 0 {

@@ -2,7 +2,7 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use gauge_common::{
     enforce::{ConnectionKey, Enforcement},
@@ -12,6 +12,11 @@ use gauge_common::{
 /// Captured records. User space sets the real size at load time.
 #[map]
 pub static EVENTS: RingBuf = RingBuf::with_byte_size(16 * 1024 * 1024, 0);
+
+/// When a record last might have woken user space (see `emit::wakeup`). One slot
+/// for the host, not per CPU: user space drains the whole ring whichever CPU woke it.
+#[map]
+pub static LAST_WAKEUP: Array<u64> = Array::with_max_entries(1, 0);
 
 /// Loss and volume counters, per CPU so that no probe contends on a lock.
 #[map]
@@ -138,7 +143,47 @@ pub struct SavedCall {
     /// 1 when enforcement stopped the process at this call's entry. A signal taken
     /// at a uprobe may make the kernel restart the probed instruction, and the entry
     /// probe then fires again for the same call: it must not hold it twice.
-    pub stopped: u64,
+    pub stopped: u32,
+    /// 1 from entry to return. A finished call's entry is marked, not deleted, and
+    /// the thread's next call overwrites it in place: a map update or delete costs
+    /// several times a lookup, and this runs on every read and write.
+    pub live: u32,
+}
+
+impl SavedCall {
+    pub const fn new(ssl: u64, buf: u64, len_out: u64) -> Self {
+        Self { ssl, buf, len_out, stopped: 0, live: 1 }
+    }
+}
+
+/// Saves a call at its entry: in place over the thread's last one when it has one.
+#[inline(always)]
+pub fn put<K>(calls: &LruHashMap<K, SavedCall>, key: &K, call: SavedCall) {
+    match calls.get_ptr_mut(key) {
+        // SAFETY: a live map value, written only by its own thread's probes.
+        Some(slot) => unsafe { *slot = call },
+        None => {
+            let _ = calls.insert(key, &call, 0);
+        }
+    }
+}
+
+/// The call in flight for `key`, if any (not ended).
+#[inline(always)]
+pub fn in_flight<K>(calls: &LruHashMap<K, SavedCall>, key: &K) -> Option<SavedCall> {
+    // SAFETY: the value is copied out at once.
+    unsafe { calls.get(key) }.copied().filter(|call| call.live != 0)
+}
+
+/// Ends the call in flight for `key`: returns it and marks its entry ended.
+#[inline(always)]
+pub fn end<K>(calls: &LruHashMap<K, SavedCall>, key: &K) -> Option<SavedCall> {
+    let slot = calls.get_ptr_mut(key)?;
+    // SAFETY: a live map value, written only by its own thread's probes.
+    let slot = unsafe { &mut *slot };
+    let call = *slot;
+    slot.live = 0;
+    (call.live != 0).then_some(call)
 }
 
 #[inline(always)]

@@ -4,6 +4,7 @@
 //! with `CI=true` a test that cannot attach fails, it never skips.
 
 pub mod agent;
+pub mod bench;
 pub mod clients;
 pub mod mock;
 pub mod prometheus;

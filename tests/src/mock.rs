@@ -124,7 +124,7 @@ fn serve(tcp: TcpStream, config: Arc<ServerConfig>) -> Option<Exchange> {
 }
 
 /// Reads one request (headers and a Content-Length body); returns the header text.
-fn read_request(tls: &mut impl Read, received: &mut Vec<u8>) -> Option<String> {
+pub(crate) fn read_request(tls: &mut impl Read, received: &mut Vec<u8>) -> Option<String> {
     let mut buf = [0u8; 65536];
     loop {
         if let Some(end) = find(received, b"\r\n\r\n") {

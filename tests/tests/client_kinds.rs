@@ -298,3 +298,30 @@ fn plain_http_to_a_local_model_server_is_metered_exactly() {
     }
     drop(mock);
 }
+
+/// `capture.plain_http = "auto"` (the default): with no local model server the
+/// syscall tracepoints are not attached (every process's reads and writes would
+/// pay for them); once one listens, the next sweep attaches them and its calls
+/// are metered.
+#[test]
+fn plain_http_capture_starts_when_a_local_model_server_appears() {
+    if !kernel_tests_enabled("plain HTTP auto") {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port").port();
+    let mut daemon = Daemon::start(&format!("[capture]\nplain_http_ports = [{port}]\nrescan_interval = \"1s\"\n"));
+    daemon.wait_healthy();
+    assert!(daemon.log.text().contains("plain-HTTP capture waits for a local model server"), "{}", daemon.log.text());
+    let mock = MockLlm::start_plain(dir.path(), port);
+    daemon.log.wait_for(&["following plain-HTTP connections"], Duration::from_secs(20));
+    let (_, out) = clients::run(
+        "python over plain http",
+        Command::new("python3").arg("-c").arg(PYTHON_PLAIN).env("GAUGE_TEST_PORT", port.to_string()).env("GAUGE_AGENT", "plain-auto"),
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "ok");
+    let labels = [("agent", "plain-auto")];
+    let m = scrape(&daemon, &[(&labels[..], 2.0)]);
+    m.check("gauge_llm_requests_total", &with(&labels, &[("status", "200")]), 2.0);
+    drop(mock);
+}

@@ -291,7 +291,7 @@ fn daemon_serves_health_metrics_and_targets() {
         .output()
         .expect("gauge-agent targets");
     let listing = String::from_utf8_lossy(&targets.stdout);
-    assert!(targets.status.success() && listing.contains("libssl.so.3") && listing.contains("SSL_write"), "{listing}");
+    assert!(targets.status.success() && listing.contains("libssl.so.3") && listing.contains("ssl_write_internal"), "{listing}");
     assert!(daemon.stop().success(), "daemon exits cleanly on SIGTERM");
 }
 

@@ -416,56 +416,6 @@ fn policies_reload_from_the_config_file_and_a_broken_file_keeps_the_running_ones
     assert_eq!(violations(), 2.0, "the running policies stay");
 }
 
-/// Benchmark, not a check: the latency a gate adds to each LLM request (held at
-/// `SSL_write`, checked, released), measured side by side with an ungated client of
-/// the same daemon. `cargo xtask test -- --ignored gate_latency --nocapture`.
-#[test]
-#[ignore = "benchmark: prints the gate's added latency per request"]
-fn gate_latency() {
-    if !kernel_tests_enabled("gate latency benchmark") {
-        return;
-    }
-    let policy = "[[policies]]\nname = \"bench\"\nagent = \"gated-bench\"\nmax_requests = 100000000\naction = \"alert\"\ngate = true\n";
-    let agents = "[[agents]]\nname = \"gated-bench\"\nmatch = { cmdline = \"gated-marker\" }\n";
-    let world = World::start(&format!("{agents}{policy}"));
-    let script = format!(
-        "import ssl, sys, time, http.client, statistics\n\
-         ctx = ssl.create_default_context(cafile='{ca}')\n\
-         c = http.client.HTTPSConnection('127.0.0.1', {port}, context=ctx)\n\
-         times = []\n\
-         for i in range(300):\n\
-         \x20   t = time.perf_counter()\n\
-         \x20   c.request('POST', '/v1/chat/completions', body='{{\"model\":\"bench\",\"messages\":[]}}', headers={{'content-type': 'application/json'}})\n\
-         \x20   c.getresponse().read()\n\
-         \x20   times.append(time.perf_counter() - t)\n\
-         print(int(statistics.median(times[50:]) * 1e6))\n",
-        ca = world.cert.display(),
-        port = world.mock.port,
-    );
-    let median = |marker: &str| -> u64 {
-        let mut cmd = Command::new("python3");
-        cmd.args(["-c", &script, marker]);
-        let (_, out) = clients::run(marker, &mut cmd);
-        String::from_utf8_lossy(&out.stdout).trim().parse().expect("median")
-    };
-    let (mut plain, mut gated) = (Vec::new(), Vec::new());
-    for _ in 0..3 {
-        plain.push(median("plain-marker"));
-        gated.push(median("gated-marker"));
-    }
-    plain.sort_unstable();
-    gated.sort_unstable();
-    let (p, g) = (plain[1], gated[1]);
-    println!(
-        "gate latency: median request {p} us ungated, {g} us gated: +{} us per gated request ({:.2}x)",
-        g.saturating_sub(p),
-        g as f64 / p.max(1) as f64
-    );
-    let held = sum(&metrics(&world), "gauge_policy_held_requests_total", &[("agent", "gated-bench")]);
-    println!("held {held} writes for 900 gated requests");
-    assert!(held >= 750.0, "the gated client was not held: {held}");
-}
-
 #[test]
 fn a_cgroup_frozen_by_an_agent_that_was_killed_is_thawed_by_the_next_start() {
     if !kernel_tests_enabled("crash and restart end to end") {

@@ -57,6 +57,24 @@ enum Cmd {
         #[arg(long)]
         no_build: bool,
     },
+    /// Measure Gauge's costs side by side and print a table (docs/PERFORMANCE.md).
+    ///
+    /// Sets up what the measurements need, builds the release agent and
+    /// `gauge-bench`, and runs it as root: probe overhead per SSL_write/SSL_read,
+    /// daemon CPU and memory per 1,000 streamed calls, pipeline throughput, the
+    /// tokenizer against Python tiktoken, 10,000 connections from 1,000 processes,
+    /// and gate latency. About five minutes.
+    Bench {
+        /// Small counts: only proves that every measurement runs.
+        #[arg(long)]
+        quick: bool,
+        /// Fail when a target is missed, not only mark it in the table.
+        #[arg(long)]
+        check: bool,
+        /// Measurements to run: probes, agent, pipeline, tokenizer, scale, gate
+        /// (default: all).
+        only: Vec<String>,
+    },
     /// Set up if needed, build, and run every test, the kernel tests included.
     Test {
         /// Extra arguments for `cargo test` (e.g. a test name filter).
@@ -83,6 +101,19 @@ fn main() -> anyhow::Result<()> {
         }
         Cmd::Fuzz { seconds, targets } => fuzz::run(seconds, &targets),
         Cmd::Demo { headless, seconds, no_build } => demo::run(headless, seconds, no_build),
+        Cmd::Bench { quick, check, only } => {
+            if !setup::is_root() {
+                bail!("`cargo xtask bench` attaches eBPF probes and needs root: run it as root (e.g. `sudo -E cargo xtask bench`)");
+            }
+            setup::run()?;
+            setup::test_dependencies()?;
+            step("building the agent and gauge-bench (release)", || {
+                cargo(&["build", "--release", "-p", "gauge-agent", "-p", "gauge-tests", "--bin", "gauge-agent", "--bin", "gauge-bench"])
+            })?;
+            let mut bench = Command::new("target/release/gauge-bench");
+            bench.args(quick.then_some("--quick")).args(check.then_some("--check")).args(&only);
+            exit_with(bench.status().context("cannot start target/release/gauge-bench")?)
+        }
         Cmd::Test { args } => {
             setup::run()?;
             setup::test_dependencies()?;

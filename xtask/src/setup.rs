@@ -15,8 +15,11 @@ const BUILD_PACKAGES: [&str; 4] = ["rustc-web", "cargo-web", "libstd-rust-web-de
 /// Clients and tools the kernel tests drive (`prometheus`: the server and `promtool`
 /// that `tests/tests/prometheus.rs` runs against `deploy/prometheus/`; `tmux`: the
 /// terminal `tests/tests/top.rs` runs `gauge-agent top` in; `gnutls-bin`: GnuTLS's
-/// own client; `golang-go`: the Go client built by the tests of Go's crypto/tls).
-const TEST_PACKAGES: [&str; 7] = ["curl", "openssl", "ca-certificates", "prometheus", "tmux", "gnutls-bin", "golang-go"];
+/// own client; `golang-go`: the Go client built by the tests of Go's crypto/tls;
+/// `gcc` and `libssl-dev`: the OpenSSL loop of `cargo xtask bench`, which the suite
+/// runs in its quick form).
+const TEST_PACKAGES: [&str; 9] =
+    ["curl", "openssl", "ca-certificates", "prometheus", "tmux", "gnutls-bin", "golang-go", "gcc", "libssl-dev"];
 const TOOLCHAIN: &str = "debian-bpf";
 const BPF_LINKER: &str = "0.13.0";
 
@@ -55,9 +58,10 @@ pub fn run() -> anyhow::Result<()> {
 
 /// Official SDKs the end-to-end tests drive, from PyPI, pinned.
 /// (hypercorn serves the mock provider over HTTP/1.1 and HTTP/2; h2 lets the SDKs'
-/// HTTP client speak HTTP/2.)
-const PYTHON_PACKAGES: [&str; 5] =
-    ["openai==3.57.0", "anthropic==2.14.0", "google-genai==3.6.1", "hypercorn==0.17.3", "h2==4.4.1"];
+/// HTTP client speak HTTP/2; tiktoken is what `cargo xtask bench` compares Gauge's
+/// token counts with.)
+const PYTHON_PACKAGES: [&str; 6] =
+    ["openai==3.57.0", "anthropic==2.14.0", "google-genai==3.6.1", "hypercorn==0.17.3", "h2==4.4.1", "tiktoken==0.14.0"];
 
 /// Clients the kernel tests run against the capture.
 /// Bun, whose binary carries BoringSSL without symbols: `tests/tests/client_kinds.rs`
@@ -92,8 +96,8 @@ pub fn test_dependencies() -> anyhow::Result<()> {
     let sdks_present = Command::new("python3")
         .args([
             "-c",
-            "import openai, anthropic, hypercorn, h2, sys; from google import genai; \
-             sys.exit(0 if (openai.__version__, anthropic.__version__, genai.__version__) == ('3.57.0', '2.14.0', '3.6.1') else 1)",
+            "import openai, anthropic, hypercorn, h2, tiktoken, sys; from google import genai; \
+             sys.exit(0 if (openai.__version__, anthropic.__version__, genai.__version__, tiktoken.__version__) == ('3.57.0', '2.14.0', '3.6.1', '0.14.0') else 1)",
         ])
         .stderr(Stdio::null())
         .status()

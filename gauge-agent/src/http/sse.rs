@@ -3,6 +3,8 @@
 
 /// Longest line kept; longer ones are cut (counted by the caller through `overflowed`).
 pub const MAX_LINE: usize = 4 * 1024 * 1024;
+/// Line buffers up to this size are reused; a larger one is freed with its line.
+const KEPT_LINE_CAPACITY: usize = 64 * 1024;
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SseEvent {
@@ -27,24 +29,37 @@ impl Decoder {
         self.line.capacity() + self.data.as_ref().map_or(0, String::capacity) + self.event.as_ref().map_or(0, String::capacity)
     }
 
-    pub fn feed(&mut self, bytes: &[u8], out: &mut Vec<SseEvent>) {
-        for &byte in bytes {
-            if byte == b'\n' {
-                let mut line = std::mem::take(&mut self.line);
-                if line.last() == Some(&b'\r') {
-                    line.pop();
-                }
-                self.line_done(&line, out);
-            } else if self.line.len() < MAX_LINE {
-                self.line.push(byte);
-            } else if self.line.len() == MAX_LINE {
-                self.overflowed += 1;
-                self.line.push(b'\0'); // mark, so the overflow is counted once per line
+    pub fn feed(&mut self, mut bytes: &[u8], out: &mut Vec<SseEvent>) {
+        // Whole lines at a time (memchr), not byte by byte: this runs for every
+        // chunk of every stream.
+        while let Some(end) = memchr::memchr(b'\n', bytes) {
+            self.append(&bytes[..end]);
+            bytes = &bytes[end + 1..];
+            let mut line = std::mem::take(&mut self.line);
+            let len = line.len() - usize::from(line.last() == Some(&b'\r'));
+            self.line_done(&line[..len], out);
+            // The buffer is kept for the next line unless an outsized line grew it.
+            if line.capacity() <= KEPT_LINE_CAPACITY {
+                line.clear();
+                self.line = line;
             }
+        }
+        self.append(bytes);
+    }
+
+    /// Adds to the line being read, up to [`MAX_LINE`]; a line that goes past it is
+    /// counted once and marked so it is not counted again.
+    fn append(&mut self, part: &[u8]) {
+        let room = MAX_LINE.saturating_sub(self.line.len());
+        if part.len() <= room {
+            self.line.extend_from_slice(part);
+        } else if self.line.len() <= MAX_LINE {
+            self.line.extend_from_slice(&part[..room]);
+            self.overflowed += 1;
+            self.line.push(b'\0');
         }
     }
 
-    /// The stream ended: a last event without its blank line still counts.
     pub fn finish(&mut self, out: &mut Vec<SseEvent>) {
         if !self.line.is_empty() {
             let line = std::mem::take(&mut self.line);
@@ -68,7 +83,11 @@ impl Decoder {
             }
             None => (line, &b""[..]),
         };
-        let value = String::from_utf8_lossy(value);
+        // Valid UTF-8 is the rule; the lossy path only for what is not.
+        let value = match std::str::from_utf8(value) {
+            Ok(text) => std::borrow::Cow::Borrowed(text),
+            Err(_) => String::from_utf8_lossy(value),
+        };
         match field {
             b"event" => self.event = Some(value.into_owned()),
             b"data" => match &mut self.data {

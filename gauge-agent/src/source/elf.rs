@@ -6,7 +6,7 @@ use std::{collections::BTreeMap, fs::File, path::Path};
 
 use object::{Object, ObjectSection, ObjectSegment, ObjectSymbol};
 
-use super::{boringssl, golang};
+use super::{boringssl, golang, openssl};
 
 /// OpenSSL's (and BoringSSL's) functions Gauge hooks.
 pub const OPENSSL_SYMBOLS: [&str; 6] =
@@ -42,6 +42,7 @@ impl TlsSymbols {
         let has = |name| self.offsets.contains_key(name);
         has("SSL_write") && has("SSL_read")
             || has("SSL_write_ex") && has("SSL_read_ex")
+            || has(openssl::WRITE_INTERNAL) && has(openssl::READ_INTERNAL)
             || (has("gnutls_record_send2") || has("gnutls_record_send")) && has("gnutls_record_recv")
             || has(golang::WRITE) && has(golang::READ)
     }
@@ -63,6 +64,8 @@ pub fn inspect(path: &Path) -> Result<TlsSymbols, ElfError> {
 pub fn inspect_bytes(data: &[u8]) -> Result<TlsSymbols, String> {
     let elf = object::File::parse(data).map_err(|e| e.to_string())?;
     let mut found = TlsSymbols::default();
+    // (address, size) of OpenSSL's read and write functions, for `prefer_internal`.
+    let mut functions: BTreeMap<&'static str, (u64, u64)> = BTreeMap::new();
     // .dynsym first (what a shared library exports), then .symtab (unstripped static builds).
     for symbol in elf.dynamic_symbols().chain(elf.symbols()) {
         if !symbol.is_definition() || symbol.kind() != object::SymbolKind::Text {
@@ -79,6 +82,7 @@ pub fn inspect_bytes(data: &[u8]) -> Result<TlsSymbols, String> {
             add_go_function(&elf, &mut found, wanted, symbol.address(), symbol.size());
         } else if let Some(offset) = file_offset(&elf, symbol.address()) {
             found.offsets.insert(wanted, offset);
+            functions.insert(wanted, (symbol.address(), symbol.size()));
         }
     }
     // A Go binary stripped of .symtab still has its function table.
@@ -89,6 +93,7 @@ pub fn inspect_bytes(data: &[u8]) -> Result<TlsSymbols, String> {
             add_go_function(&elf, &mut found, name, address, size);
         }
     }
+    prefer_internal(&elf, &mut found, &functions);
     if found.offsets.contains_key("gnutls_record_send2") {
         found.offsets.remove("gnutls_record_send");
     }
@@ -99,6 +104,31 @@ pub fn inspect_bytes(data: &[u8]) -> Result<TlsSymbols, String> {
         }
     }
     Ok(found)
+}
+
+/// OpenSSL 3.0: hook the internal read and write functions, which begin with an
+/// instruction the kernel emulates, in place of the four exported ones (see
+/// `openssl.rs`); only where the code proves both directions funnel through them.
+fn prefer_internal(elf: &object::File<'_>, found: &mut TlsSymbols, functions: &BTreeMap<&'static str, (u64, u64)>) {
+    // Longer than any of these functions; the symbol size bounds it when known.
+    const MOST: u64 = 512;
+    let function = |name: &str| {
+        let &(address, size) = functions.get(name)?;
+        let size = if size == 0 { MOST } else { size.min(MOST) };
+        Some(openssl::Function { address, code: code_at(elf, address, size)? })
+    };
+    let internal = |plain: &str, ex: &str| {
+        openssl::shared_internal(function(plain)?, function(ex)?, |address| code_at(elf, address, 16)).and_then(|a| file_offset(elf, a))
+    };
+    let (Some(write), Some(read)) = (internal("SSL_write", "SSL_write_ex"), internal("SSL_read", "SSL_read_ex")) else { return };
+    if write == read {
+        return;
+    }
+    for name in ["SSL_write", "SSL_write_ex", "SSL_read", "SSL_read_ex"] {
+        found.offsets.remove(name);
+    }
+    found.offsets.insert(openssl::WRITE_INTERNAL, write);
+    found.offsets.insert(openssl::READ_INTERNAL, read);
 }
 
 /// Bun and the like: BoringSSL's `SSL_write`/`SSL_read` found by their bytes in the
@@ -174,10 +204,16 @@ mod tests {
         }
         let symbols = inspect(path).expect("libssl parses");
         assert!(symbols.is_hookable());
-        for name in OPENSSL_SYMBOLS {
-            let offset = symbols.offsets.get(name).copied().unwrap_or_else(|| panic!("{name} missing"));
-            assert!(offset > 0 && offset < std::fs::metadata(path).expect("stat").len());
+        // Debian 12's OpenSSL 3.0: reads and writes at the internal functions (see
+        // `openssl.rs`), the closes where they are exported.
+        let names: Vec<&str> = symbols.offsets.keys().copied().collect();
+        assert_eq!(names, ["SSL_free", "SSL_shutdown", openssl::READ_INTERNAL, openssl::WRITE_INTERNAL], "{symbols:?}");
+        for (name, offset) in &symbols.offsets {
+            assert!(*offset > 0 && *offset < std::fs::metadata(path).expect("stat").len(), "{name}");
         }
+        // The internal functions lie outside the exported ones (they are called).
+        let exported = |name| function_offset(path, name).expect("read").expect("exported");
+        assert_ne!(symbols.offsets[openssl::WRITE_INTERNAL], exported("SSL_write_ex"));
     }
 
     #[test]

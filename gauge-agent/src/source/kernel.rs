@@ -14,12 +14,12 @@ use aya::{
 use gauge_common::{
     enforce::{ConnectionKey, Enforcement},
     maps::{
-        CANARY_HITS, ENFORCE, EVENTS, GLOBAL_MAX_CALL_BYTES, GLOBAL_WRITE_AT_ENTRY, LLM_CONNECTIONS, PLAIN_FDS, PLAIN_PORTS, STATS, programs as prog,
+        CANARY_HITS, ENFORCE, EVENTS, FLOOR_HITS, GLOBAL_MAX_CALL_BYTES, GLOBAL_WRITE_AT_ENTRY, LLM_CONNECTIONS, PLAIN_FDS, PLAIN_PORTS, STATS, programs as prog,
     },
     tls::{self, PlainSocket, stat},
 };
 
-use super::{elf::TlsSymbols, golang, tracefs};
+use super::{elf::TlsSymbols, golang, openssl, tracefs};
 
 /// The eBPF object built by `build.rs`; empty when built with `GAUGE_EBPF_STUB=1`.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/gauge-ebpf"));
@@ -28,11 +28,14 @@ static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"),
 /// without the return one) for every hooked function. A read's entry only saves
 /// the buffer for its return; a write's entry emits the bytes itself when return
 /// probes are off.
-const HOOKS: [(&str, &str, Option<&str>, bool); 11] = [
+const HOOKS: [(&str, &str, Option<&str>, bool); 13] = [
     ("SSL_write", prog::SSL_WRITE_ENTRY, Some(prog::SSL_WRITE_RETURN), true),
     ("SSL_write_ex", prog::SSL_WRITE_EX_ENTRY, Some(prog::SSL_WRITE_EX_RETURN), true),
     ("SSL_read", prog::SSL_READ_ENTRY, Some(prog::SSL_READ_RETURN), false),
     ("SSL_read_ex", prog::SSL_READ_EX_ENTRY, Some(prog::SSL_READ_EX_RETURN), false),
+    // OpenSSL 3.0's internal functions take the `_ex` arguments (see `openssl.rs`).
+    (openssl::WRITE_INTERNAL, prog::SSL_WRITE_EX_ENTRY, Some(prog::SSL_WRITE_EX_RETURN), true),
+    (openssl::READ_INTERNAL, prog::SSL_READ_EX_ENTRY, Some(prog::SSL_READ_EX_RETURN), false),
     ("SSL_shutdown", prog::SSL_SHUTDOWN_ENTRY, None, true),
     ("SSL_free", prog::SSL_FREE_ENTRY, None, true),
     ("gnutls_record_send2", prog::GNUTLS_SEND_ENTRY, Some(prog::GNUTLS_SEND_RETURN), true),
@@ -292,6 +295,50 @@ impl CanaryProbe {
         let Some(link) = self.link.take() else { return Ok(()) };
         let name = prog::CANARY_RETURN;
         uprobe(&mut self.ebpf, name)?.detach(link).map_err(|source| KernelError::Program { name, source })
+    }
+}
+
+/// The benchmark's floor (`gauge-agent __probe-floor`): counting-only probes where
+/// Gauge's would be, from another small copy of the object.
+pub struct FloorProbe {
+    ebpf: Ebpf,
+}
+
+impl FloorProbe {
+    pub fn load() -> Result<Self, KernelError> {
+        if EBPF_OBJECT.is_empty() {
+            return Err(KernelError::StubObject);
+        }
+        let mut ebpf = EbpfLoader::new().map_max_entries(EVENTS, 4096).load(EBPF_OBJECT)?;
+        for name in [prog::FLOOR_ENTRY, prog::FLOOR_RETURN] {
+            uprobe(&mut ebpf, name)?.load().map_err(|source| KernelError::Program { name, source })?;
+        }
+        Ok(Self { ebpf })
+    }
+
+    /// A counting probe at every entry and return point Gauge would attach to this
+    /// file's read and write functions (`symbols`, as discovery found them); how many.
+    pub fn attach(&mut self, path: &Path, symbols: &TlsSymbols) -> Result<usize, KernelError> {
+        let mut attached = 0;
+        for (symbol, _, ret, _) in HOOKS {
+            let Some(&offset) = symbols.offsets.get(symbol) else { continue };
+            for name in std::iter::once(prog::FLOOR_ENTRY).chain(ret.map(|_| prog::FLOOR_RETURN)) {
+                uprobe(&mut self.ebpf, name)?
+                    .attach(offset, path, UProbeScope::AllProcesses)
+                    .map_err(|source| KernelError::Program { name, source })?;
+                attached += 1;
+            }
+        }
+        Ok(attached)
+    }
+
+    /// (entries, returns) counted so far.
+    pub fn hits(&self) -> Result<(u64, u64), KernelError> {
+        let map = self.ebpf.map(FLOOR_HITS).ok_or(KernelError::Missing(FLOOR_HITS))?;
+        let array = PerCpuArray::<_, u64>::try_from(map).map_err(|source| KernelError::Map { name: FLOOR_HITS, source })?;
+        let total = |slot: u32| array.get(&slot, 0).map(|per_cpu| per_cpu.iter().sum::<u64>());
+        let error = |source| KernelError::Map { name: FLOOR_HITS, source };
+        Ok((total(0).map_err(error)?, total(1).map_err(error)?))
     }
 }
 

@@ -11,6 +11,7 @@ pub mod event;
 pub mod golang;
 pub mod hazards;
 pub mod kernel;
+pub mod openssl;
 pub mod plain;
 pub mod recording;
 pub mod redact;

@@ -2,6 +2,7 @@
 //! of a local model server, a daemon restart): the kernel marks sockets only at
 //! `connect`, so these are found in `/proc` and marked once at start. Their first
 //! bytes are then seen mid-stream, and reassembly resyncs on the next request.
+//! Also whether a local model server listens at all (`capture.plain_http = "auto"`).
 
 use std::{
     collections::{HashMap, HashSet},
@@ -54,6 +55,28 @@ pub fn to_ports(table: &str, ports: &[u16]) -> Vec<u64> {
         .collect()
 }
 
+/// Whether a process listens on one of `ports` in any network namespace of `pids`:
+/// a local model server, for `capture.plain_http = "auto"`.
+pub fn listening(proc_root: &Path, pids: &[u32], ports: &[u16]) -> bool {
+    let mut seen = HashSet::new();
+    pids.iter().any(|pid| {
+        let dir = proc_root.join(pid.to_string());
+        let Ok(netns) = std::fs::read_link(dir.join("ns/net")) else { return false };
+        seen.insert(netns)
+            && ["net/tcp", "net/tcp6"].iter().filter_map(|table| std::fs::read_to_string(dir.join(table)).ok()).any(|text| listens(&text, ports))
+    })
+}
+
+/// Whether a `/proc/net/tcp[6]` table has a listening socket on one of `ports`.
+pub fn listens(table: &str, ports: &[u16]) -> bool {
+    const LISTEN: &str = "0A";
+    table.lines().skip(1).any(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let port = fields.get(1).and_then(|local| u16::from_str_radix(local.rsplit(':').next()?, 16).ok());
+        fields.get(3) == Some(&LISTEN) && port.is_some_and(|p| ports.contains(&p))
+    })
+}
+
 /// `socket:[12345]` -> 12345.
 fn socket_inode(link: &str) -> Option<u64> {
     link.strip_prefix("socket:[")?.strip_suffix(']')?.parse().ok()
@@ -70,6 +93,8 @@ mod tests {
            1: 0100007F:2CAE 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 4243 1 0000000000000000 100 0 0 10 0\n\
            2: 0100007F:C351 0100007F:01BB 01 00000000:00000000 00:00000000 00000000     0        0 4244 1 0000000000000000 20 4 30 10 -1\n";
         assert_eq!(to_ports(table, &[11438]), [4242], "the listener (0A) and another port are not");
+        assert!(listens(table, &[11438]), "0100007F:2CAE is a listener on 11438");
+        assert!(!listens(table, &[50000]), "C350 is a client's port, not a listener's");
         assert_eq!(socket_inode("socket:[4242]"), Some(4242));
         assert_eq!(socket_inode("/dev/null"), None);
     }
@@ -81,5 +106,6 @@ mod tests {
         let _client = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
         let found = established(Path::new("/proc"), &[std::process::id()], &[port]);
         assert_eq!(found.len(), 1, "{found:?}");
+        assert!(listening(Path::new("/proc"), &[std::process::id()], &[port]));
     }
 }

@@ -43,10 +43,25 @@ pub struct CaptureOptions {
     pub extra_targets: Vec<PathBuf>,
     /// `capture.plain_http_ports`: plain-HTTP connections to these ports are captured.
     pub plain_http_ports: Vec<u16>,
+    /// `capture.plain_http`: when their tracepoints are attached.
+    pub plain_http: PlainHttp,
     /// `capture.rescan_interval`: how often every process is looked at again.
     pub rescan_interval: Duration,
     /// `capture.return_probes`; `load.return_probes` is settled from it at start.
     pub return_probes: ReturnProbes,
+}
+
+/// `capture.plain_http`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PlainHttp {
+    /// Once a process on the host listens on a listed port: the tracepoints cost
+    /// every process's reads and writes, so hosts without a local model server
+    /// should not pay for them.
+    #[default]
+    Auto,
+    On,
+    Off,
 }
 
 /// Counters kept in user space; the kernel's own are read through [`KernelStatsReader`].
@@ -128,20 +143,17 @@ pub fn start(options: CaptureOptions, state: Arc<CaptureState>) -> Result<Captur
     let load = LoadOptions { return_probes: decision.on, ..options.load };
     let _ = state.return_probes.set(decision);
     let mut kernel = KernelCapture::load(load)?;
-    // Plain HTTP is an addition: where its tracepoints cannot be had (no tracefs, or
-    // no right to read it), TLS capture goes on and the failure is counted.
-    match kernel.capture_plain_http(&options.plain_http_ports) {
-        Ok(0) => {}
-        Ok(plain) => {
-            // After the tracepoints, so a connection made meanwhile is marked either way.
-            let open = super::plain::established(Path::new("/proc"), &discovery::all_pids(Path::new("/proc")), &options.plain_http_ports);
-            let marked = kernel.mark_plain_sockets(&open)?;
-            tracing::info!(ports = ?options.plain_http_ports, tracepoints = plain, already_open = marked, "following plain-HTTP connections to local model servers");
-        }
-        Err(error) => {
-            state.counters.attach_refused.fetch_add(1, Relaxed);
-            tracing::warn!(%error, ports = ?options.plain_http_ports, "plain-HTTP capture is off: calls to local model servers are not seen (TLS capture is unaffected)");
-        }
+    let plain_now = match options.plain_http {
+        PlainHttp::Off => false,
+        PlainHttp::On => true,
+        PlainHttp::Auto => super::plain::listening(Path::new("/proc"), &discovery::all_pids(Path::new("/proc")), &options.plain_http_ports),
+    };
+    let mut plain_pending = false;
+    if plain_now {
+        follow_plain_http(&mut kernel, &options.plain_http_ports, &state.counters)?;
+    } else if options.plain_http == PlainHttp::Auto && !options.plain_http_ports.is_empty() {
+        plain_pending = true;
+        tracing::info!(ports = ?options.plain_http_ports, every = ?options.rescan_interval, "plain-HTTP capture waits for a local model server: nothing listens on these ports (looked at again every rescan_interval; capture.plain_http = \"on\" follows them regardless)");
     }
     let ring = kernel.take_ring()?;
     let stats = kernel.take_stats()?;
@@ -170,16 +182,24 @@ pub fn start(options: CaptureOptions, state: Arc<CaptureState>) -> Result<Captur
         .name("gauge-discovery".into())
         .spawn({
             let state = state.clone();
-            let rescan = Rescan { every: options.rescan_interval, extra_targets: options.extra_targets.clone() };
-            move || discovery_loop(kernel, planner, open, proc_root, exec_rx, &state, &rescan)
+            let mut rescan = Rescan {
+                every: options.rescan_interval,
+                extra_targets: options.extra_targets.clone(),
+                plain_ports: options.plain_http_ports.clone(),
+                plain_pending,
+            };
+            move || discovery_loop(kernel, planner, open, proc_root, exec_rx, &state, &mut rescan)
         })
         .map_err(KernelError::Thread)?;
 
-    let (events_tx, events) = mpsc::channel(options.queue_events.max(1));
+    // Events go to the pipeline in batches: one per pass over the ring, so the
+    // pipeline's thread is woken once per pass, not once per event.
+    let batch = options.queue_events.clamp(1, MAX_BATCH);
+    let (events_tx, events) = mpsc::channel(options.queue_events.div_ceil(batch));
     let queued = Arc::new(Semaphore::new((options.queue_bytes / PERMIT_BYTES).max(MIN_PERMITS)));
-    let reader = RingReader { state, events: events_tx, execs: exec_tx, queued: queued.clone() };
+    let reader = RingReader { state, events: events_tx, execs: exec_tx, queued: queued.clone(), batch };
     tokio::spawn(reader.run(ring));
-    Ok(Capture { events: Events { events, queued }, enforcement })
+    Ok(Capture { events: Events { events, pending: Vec::new().into_iter(), queued }, enforcement })
 }
 
 /// A started capture: its events, and the maps through which policies act in the kernel.
@@ -190,7 +210,9 @@ pub struct Capture {
 
 /// The captured events waiting for the pipeline, bounded in number and in bytes.
 pub struct Events {
-    events: mpsc::Receiver<CaptureEvent>,
+    events: mpsc::Receiver<Vec<CaptureEvent>>,
+    /// The rest of the batch being handed out.
+    pending: std::vec::IntoIter<CaptureEvent>,
     /// Room left for queued bytes, in permits of [`PERMIT_BYTES`].
     queued: Arc<Semaphore>,
 }
@@ -198,13 +220,28 @@ pub struct Events {
 impl Events {
     /// The next event; `None` once the capture has stopped. Cancel-safe.
     pub async fn recv(&mut self) -> Option<CaptureEvent> {
-        let event = self.events.recv().await?;
+        loop {
+            if let Some(event) = self.pending.next() {
+                self.queued.add_permits(permits_of(&event) as usize);
+                return Some(event);
+            }
+            self.pending = self.events.recv().await?.into_iter();
+        }
+    }
+
+    /// The next event if one is queued already, without waiting: the daemon's loop
+    /// takes what came in one go rather than one event per turn of its `select!`.
+    pub fn try_recv(&mut self) -> Option<CaptureEvent> {
+        if self.pending.len() == 0 {
+            self.pending = self.events.try_recv().ok()?.into_iter();
+        }
+        let event = self.pending.next()?;
         self.queued.add_permits(permits_of(&event) as usize);
         Some(event)
     }
 
     pub fn is_empty(&self) -> bool {
-        self.events.is_empty()
+        self.pending.len() == 0 && self.events.is_empty()
     }
 }
 
@@ -282,6 +319,29 @@ fn offer(planner: &mut Planner, kernel: &mut KernelCapture, open: &mut Vec<File>
 struct Rescan {
     every: Duration,
     extra_targets: Vec<PathBuf>,
+    plain_ports: Vec<u16>,
+    /// `capture.plain_http = "auto"` with no listener seen yet: looked for at each sweep.
+    plain_pending: bool,
+}
+
+/// Attaches the plain-HTTP tracepoints and marks connections already open. Plain
+/// HTTP is an addition: where its tracepoints cannot be had (no tracefs, or no
+/// right to read it), TLS capture goes on and the failure is counted.
+fn follow_plain_http(kernel: &mut KernelCapture, ports: &[u16], counters: &CaptureCounters) -> Result<(), KernelError> {
+    match kernel.capture_plain_http(ports) {
+        Ok(0) => {}
+        Ok(plain) => {
+            // After the tracepoints, so a connection made meanwhile is marked either way.
+            let open = super::plain::established(Path::new("/proc"), &discovery::all_pids(Path::new("/proc")), ports);
+            let marked = kernel.mark_plain_sockets(&open)?;
+            tracing::info!(?ports, tracepoints = plain, already_open = marked, "following plain-HTTP connections to local model servers");
+        }
+        Err(error) => {
+            counters.attach_refused.fetch_add(1, Relaxed);
+            tracing::warn!(%error, ?ports, "plain-HTTP capture is off: calls to local model servers are not seen (TLS capture is unaffected)");
+        }
+    }
+    Ok(())
 }
 
 /// Owns the kernel object: attaching is blocking work (ELF parsing, perf_event_open),
@@ -293,7 +353,7 @@ fn discovery_loop(
     proc_root: PathBuf,
     execs: std_mpsc::Receiver<u32>,
     state: &CaptureState,
-    rescan: &Rescan,
+    rescan: &mut Rescan,
 ) {
     let mut rescans: BinaryHeap<Reverse<(Instant, u32)>> = BinaryHeap::new();
     let mut sweep_at = Instant::now() + rescan.every;
@@ -312,8 +372,15 @@ fn discovery_loop(
                 if now >= sweep_at {
                     sweep_at = now + rescan.every;
                     candidates = discovery::startup_candidates(&rescan.extra_targets);
-                    for pid in discovery::all_pids(&proc_root) {
+                    let pids = discovery::all_pids(&proc_root);
+                    for &pid in &pids {
                         candidates.extend(discovery::process_candidates(&proc_root, pid));
+                    }
+                    if rescan.plain_pending && super::plain::listening(&proc_root, &pids, &rescan.plain_ports) {
+                        rescan.plain_pending = false;
+                        if let Err(error) = follow_plain_http(&mut kernel, &rescan.plain_ports, &state.counters) {
+                            tracing::warn!(%error, "plain-HTTP capture could not start");
+                        }
                     }
                 }
                 while rescans.peek().is_some_and(|Reverse((at, _))| *at <= now) {
@@ -334,13 +401,26 @@ fn discovery_loop(
 
 /// Records handled before the reader yields to other tasks.
 const BATCH: usize = 4096;
+/// How often the ring is read while records are coming without wakeups: the most
+/// a call's metering waits (a held request's record always wakes the reader).
+/// Each tick costs a thread wakeup, most of the reader's CPU when it is short.
+const TICK: Duration = Duration::from_millis(20);
+/// How long after the last record the reader goes on ticking; longer than the
+/// kernel's `WAKEUP_INTERVAL_NS`.
+const QUIET: Duration = Duration::from_secs(1);
 
 struct RingReader {
     state: Arc<CaptureState>,
-    events: mpsc::Sender<CaptureEvent>,
+    events: mpsc::Sender<Vec<CaptureEvent>>,
     execs: std_mpsc::SyncSender<u32>,
     queued: Arc<Semaphore>,
+    /// Most events sent at once.
+    batch: usize,
 }
+
+/// Most events in one batch for the pipeline (fewer when `capture.queue_events` is
+/// smaller): the queue holds up to `queue_events` in batches of this many.
+const MAX_BATCH: usize = 256;
 
 impl RingReader {
     async fn run(self, ring: RingBuf<MapData>) {
@@ -354,35 +434,52 @@ impl RingReader {
                 return;
             }
         };
+        // The kernel skips the wakeup for most records (see `gauge-ebpf` `emit::wakeup`):
+        // once one has been seen, the ring is looked at every TICK, whether woken or
+        // not, until it has been quiet for a second. An idle host costs no ticks.
+        let mut last_record: Option<Instant> = None;
+        let mut more = false;
         loop {
-            let mut guard = match fd.readable_mut().await {
-                Ok(guard) => guard,
-                Err(error) => {
-                    tracing::error!(%error, "polling the capture ring buffer failed");
-                    return;
-                }
-            };
-            let ring = guard.get_inner_mut();
-            let mut drained = false;
-            for _ in 0..BATCH {
-                let Some(item) = ring.next() else {
-                    drained = true;
-                    break;
+            if !more {
+                let active = last_record.is_some_and(|t| t.elapsed() < QUIET);
+                let woken = if active {
+                    tokio::time::timeout(TICK, fd.readable_mut()).await.ok()
+                } else {
+                    Some(fd.readable_mut().await)
                 };
+                match woken {
+                    // Readiness is cleared before the ring is read, so a wakeup for a
+                    // record written after this read is not lost.
+                    Some(Ok(mut guard)) => guard.clear_ready(),
+                    Some(Err(error)) => {
+                        tracing::error!(%error, "polling the capture ring buffer failed");
+                        return;
+                    }
+                    None => {}
+                }
+            }
+            let mut handled = 0;
+            let mut batch = Vec::new();
+            while handled < BATCH {
+                let Some(item) = fd.get_mut().next() else { break };
                 let event = self.decode(&item);
                 drop(item);
+                handled += 1;
                 if let Some(event) = event
-                    && !self.forward(event).await
+                    && !self.forward(event, &mut batch).await
                 {
                     return;
                 }
             }
-            if drained {
-                guard.clear_ready();
-            } else {
-                // A flood must not monopolise a worker thread; readiness is kept, so
-                // the next poll resumes at once.
-                drop(guard);
+            if !self.flush(&mut batch).await {
+                return;
+            }
+            if handled > 0 {
+                last_record = Some(Instant::now());
+            }
+            more = handled == BATCH;
+            if more {
+                // A flood must not monopolise a worker thread.
                 tokio::task::yield_now().await;
             }
         }
@@ -427,19 +524,37 @@ impl RingReader {
         Some(event)
     }
 
-    /// Hands an event to the pipeline, waiting while the queue is full in events or
-    /// bytes; false once the pipeline is gone. Waiting, not dropping: the kernel
-    /// ring then fills instead, where each process is held to its share, so a
-    /// flooding process cannot crowd the others out of the queue either.
-    async fn forward(&self, event: CaptureEvent) -> bool {
+    /// Adds an event to the batch for the pipeline, waiting while the queue is full
+    /// in events or bytes; false once the pipeline is gone. Waiting, not dropping:
+    /// the kernel ring then fills instead, where each process is held to its share,
+    /// so a flooding process cannot crowd the others out of the queue either.
+    async fn forward(&self, event: CaptureEvent, batch: &mut Vec<CaptureEvent>) -> bool {
         let permits = permits_of(&event);
         if permits > 0 {
-            match self.queued.acquire_many(permits).await {
-                // Given back by `Events::recv` when the pipeline takes the event.
-                Ok(taken) => taken.forget(),
-                Err(_) => return false,
-            }
+            let taken = match self.queued.try_acquire_many(permits) {
+                Ok(taken) => taken,
+                Err(tokio::sync::TryAcquireError::Closed) => return false,
+                // The queue is full: what is batched goes first, or the pipeline
+                // could wait for it while this waits for the pipeline.
+                Err(tokio::sync::TryAcquireError::NoPermits) => {
+                    if !self.flush(batch).await {
+                        return false;
+                    }
+                    match self.queued.acquire_many(permits).await {
+                        Ok(taken) => taken,
+                        Err(_) => return false,
+                    }
+                }
+            };
+            // Given back by `Events::recv` when the pipeline takes the event.
+            taken.forget();
         }
-        self.events.send(event).await.is_ok()
+        batch.push(event);
+        batch.len() < self.batch || self.flush(batch).await
+    }
+
+    /// Sends the batch (waiting while the queue is full); false once the pipeline is gone.
+    async fn flush(&self, batch: &mut Vec<CaptureEvent>) -> bool {
+        batch.is_empty() || self.events.send(std::mem::take(batch)).await.is_ok()
     }
 }

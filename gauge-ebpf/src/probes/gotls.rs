@@ -15,7 +15,7 @@ use gauge_common::tls::{kind, stat};
 
 use crate::{
     emit, enforce,
-    maps::{GO_READ_ARGS, GO_WRITE_ARGS, GoCall, SavedCall, count},
+    maps::{GO_READ_ARGS, GO_WRITE_ARGS, GoCall, SavedCall, count, end, in_flight, put},
 };
 
 /// Go's ABIInternal registers at a probe on x86_64.
@@ -41,13 +41,7 @@ fn key(goroutine: u64) -> GoCall {
 
 #[inline(always)]
 fn take(calls: &LruHashMap<GoCall, SavedCall>, goroutine: u64) -> Option<SavedCall> {
-    let key = key(goroutine);
-    // SAFETY: the value is copied out before the entry is removed.
-    let call = unsafe { calls.get(&key) }.copied();
-    if call.is_some() {
-        let _ = calls.remove(&key);
-    }
-    call
+    end(calls, &key(goroutine))
 }
 
 /// `func (c *Conn) Write(b []byte) (int, error)`, past the stack check: saves the
@@ -56,15 +50,14 @@ fn take(calls: &LruHashMap<GoCall, SavedCall>, goroutine: u64) -> Option<SavedCa
 pub fn go_tls_write_entry(ctx: ProbeContext) -> u32 {
     let r = regs(&ctx);
     let key = key(r.r14);
-    let mut call = SavedCall { ssl: r.rax, buf: r.rbx, len_out: 0, stopped: 0 };
-    // SAFETY: the value is copied out at once.
-    let before = unsafe { GO_WRITE_ARGS.get(&key) }.copied();
+    let mut call = SavedCall::new(r.rax, r.rbx, 0);
+    let before = in_flight(&GO_WRITE_ARGS, &key);
     if before.is_some_and(|b| b.stopped != 0 && b.ssl == call.ssl && b.buf == call.buf) {
         call.stopped = 1;
     } else if enforce::at_write(call.ssl, call.buf, r.rcx) != enforce::AtWrite::Passed {
         call.stopped = 1;
     }
-    let _ = GO_WRITE_ARGS.insert(&key, &call, 0);
+    put(&GO_WRITE_ARGS, &key, call);
     0
 }
 
@@ -90,8 +83,7 @@ pub fn go_tls_write_return(ctx: ProbeContext) -> u32 {
 #[uprobe]
 pub fn go_tls_read_entry(ctx: ProbeContext) -> u32 {
     let r = regs(&ctx);
-    let call = SavedCall { ssl: r.rax, buf: r.rbx, len_out: 0, stopped: 0 };
-    let _ = GO_READ_ARGS.insert(&key(r.r14), &call, 0);
+    put(&GO_READ_ARGS, &key(r.r14), SavedCall::new(r.rax, r.rbx, 0));
     0
 }
 

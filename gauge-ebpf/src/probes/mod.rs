@@ -1,4 +1,5 @@
 pub mod canary;
+pub mod floor;
 pub mod gnutls;
 pub mod gotls;
 pub mod openssl;

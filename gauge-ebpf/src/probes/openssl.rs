@@ -5,7 +5,7 @@
 //! `SSL_write` repeatedly with the same bytes while a handshake is pending, and only
 //! the successful call sends them. Reads are emitted at return, when the buffer
 //! holds the plaintext. Entry probes save the arguments per thread; return probes
-//! always remove them.
+//! always mark them ended (see `SavedCall::live`).
 //!
 //! When return probes are unsafe on this kernel (see `gauge-agent` `source::hazards`)
 //! user space attaches none and sets `WRITE_AT_ENTRY`: writes are then emitted at
@@ -22,17 +22,16 @@ use gauge_common::tls::{kind, stat};
 
 use crate::{
     emit, enforce,
-    maps::{READ_ARGS, SavedCall, WRITE_ARGS, count, write_at_entry},
+    maps::{READ_ARGS, SavedCall, WRITE_ARGS, count, end, in_flight, put, write_at_entry},
 };
 
 pub(crate) fn save(ctx: &ProbeContext, calls: &LruHashMap<u64, SavedCall>, len_out_arg: Option<usize>) -> SavedCall {
-    let call = SavedCall {
-        ssl: ctx.arg::<u64>(0).unwrap_or(0),
-        buf: ctx.arg::<u64>(1).unwrap_or(0),
-        len_out: len_out_arg.and_then(|n| ctx.arg::<u64>(n)).unwrap_or(0),
-        stopped: 0,
-    };
-    let _ = calls.insert(bpf_get_current_pid_tgid(), call, 0);
+    let call = SavedCall::new(
+        ctx.arg::<u64>(0).unwrap_or(0),
+        ctx.arg::<u64>(1).unwrap_or(0),
+        len_out_arg.and_then(|n| ctx.arg::<u64>(n)).unwrap_or(0),
+    );
+    put(calls, &bpf_get_current_pid_tgid(), call);
     call
 }
 
@@ -54,26 +53,22 @@ pub(crate) fn write_entry(ctx: &ProbeContext, len_out_arg: Option<usize>, len: u
         return;
     }
     let key = bpf_get_current_pid_tgid();
-    // SAFETY: the value is copied out at once.
-    let before = unsafe { WRITE_ARGS.get(key) }.copied();
+    let before = in_flight(&WRITE_ARGS, &key);
     let mut call = save(ctx, &WRITE_ARGS, len_out_arg);
     if before.is_some_and(|b| b.stopped != 0 && b.ssl == call.ssl && b.buf == call.buf) {
         // The same call, restarted after the stop: already decided.
         call.stopped = 1;
-        let _ = WRITE_ARGS.insert(key, call, 0);
+        put(&WRITE_ARGS, &key, call);
         return;
     }
     if enforce::at_write(call.ssl, call.buf, len) != enforce::AtWrite::Passed {
         call.stopped = 1;
-        let _ = WRITE_ARGS.insert(key, call, 0);
+        put(&WRITE_ARGS, &key, call);
     }
 }
 
 pub(crate) fn take(calls: &LruHashMap<u64, SavedCall>) -> Option<SavedCall> {
-    let key = bpf_get_current_pid_tgid();
-    // SAFETY: the value is copied out before the entry is removed.
-    let call = unsafe { calls.get(key) }.copied();
-    let _ = calls.remove(key);
+    let call = end(calls, &bpf_get_current_pid_tgid());
     if call.is_none() {
         count(stat::MISSING_ENTRY, 1);
     }

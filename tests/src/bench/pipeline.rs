@@ -1,8 +1,10 @@
-//! Throughput of the user-space pipeline (reassembly, HTTP, SSE, usage, metering) on
-//! synthetic captures of streamed LLM calls: `cargo bench -p gauge-agent`.
-//! Criterion reports bytes/s; calls/s = bytes/s / (bytes per call, printed first).
+//! Pipeline throughput: recorded-style captures of streamed LLM calls replayed
+//! through reassembly, HTTP, SSE, usage and metering on one thread, as the daemon
+//! runs them.
 
-use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use std::time::Instant;
+
+use anyhow::bail;
 use gauge_agent::{
     attribution::process::NoProcesses,
     config::Config,
@@ -11,9 +13,11 @@ use gauge_agent::{
 };
 use prometheus_client::registry::Registry;
 
-/// `calls` streamed chat completions of `chunks` SSE events each, on keep-alive
-/// connections of 10 calls, as the capture would deliver them (one read per event).
-fn capture(calls: usize, chunks: usize) -> (Vec<CaptureEvent>, usize) {
+use super::{Row, Scale, median};
+
+/// `calls` streamed chat completions of `chunks` SSE events each on keep-alive
+/// connections of 10 calls, one read per event as the capture delivers them.
+pub fn capture(calls: usize, chunks: usize) -> (Vec<CaptureEvent>, usize) {
     let mut events = Vec::new();
     let mut t = 0u64;
     let mut bytes = 0;
@@ -50,25 +54,30 @@ fn capture(calls: usize, chunks: usize) -> (Vec<CaptureEvent>, usize) {
     (events, bytes)
 }
 
-#[allow(clippy::expect_used, reason = "a benchmark whose set-up fails must stop, not measure nothing")]
-fn pipeline(c: &mut Criterion) {
-    let (events, bytes) = capture(100, 300);
-    println!("{bytes} bytes in 100 calls: {} bytes per call", bytes / 100);
-    let mut group = c.benchmark_group("pipeline");
-    group.throughput(Throughput::Bytes(bytes as u64));
-    group.bench_function("http1_sse_chat_100_calls_of_300_chunks", |b| {
-        b.iter(|| {
-            let mut registry = Registry::default();
-            let mut p = Pipeline::new(&Config::default(), Box::new(NoProcesses), || 0, &mut registry).expect("pipeline");
-            let mut calls = 0;
-            for e in &events {
-                calls += p.feed(e).len();
-            }
-            assert_eq!(calls, 100);
-        })
-    });
-    group.finish();
+pub fn run(scale: Scale) -> anyhow::Result<Vec<Row>> {
+    let calls = 100;
+    let (events, bytes) = capture(calls, 300);
+    let repeats = scale.pick(3, 15);
+    let mut seconds = Vec::new();
+    for _ in 0..repeats {
+        let mut registry = Registry::default();
+        let mut pipeline = Pipeline::new(&Config::default(), Box::new(NoProcesses), || 0, &mut registry)?;
+        let start = Instant::now();
+        let mut metered = 0;
+        for event in &events {
+            metered += pipeline.feed(event).len();
+        }
+        seconds.push(start.elapsed().as_secs_f64());
+        if metered != calls {
+            bail!("the replay metered {metered} of {calls} calls");
+        }
+    }
+    let best = median(&mut seconds);
+    let mb_per_s = bytes as f64 / best / 1e6;
+    let how = format!("{calls} calls of 300 SSE chunks ({} KB each), one thread, median of {repeats}", bytes / calls / 1000);
+    Ok(vec![
+        Row::new("replay throughput", format!("{mb_per_s:.0} MB/s"), how.clone()).target(">= 500 MB/s", mb_per_s >= 500.0),
+        Row::new("replay calls", format!("{:.0} calls/s", calls as f64 / best), how),
+        Row::new("replay events", format!("{:.2} M events/s", events.len() as f64 / best / 1e6), "one capture event per SSE chunk"),
+    ])
 }
-
-criterion_group!(benches, pipeline);
-criterion_main!(benches);
