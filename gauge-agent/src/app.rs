@@ -98,17 +98,7 @@ pub async fn run(mut config: Config, config_path: Option<PathBuf>, listen: Optio
                     // signals are not kept waiting behind a flood).
                     let queued = std::iter::from_fn(|| events.try_recv()).take(EVENTS_PER_TURN);
                     for event in std::iter::once(event).chain(queued) {
-                        for done in pipeline.feed(&event) {
-                            if let Some(otlp) = &otlp {
-                                otlp.send(done);
-                            }
-                            let (c, who) = (&done.metered.call, &done.who);
-                            tracing::debug!(
-                                call_id = %done.call_id(), pid = who.pid, exe = %who.exe, agent = %who.agent, workflow = %who.workflow,
-                                provider = c.provider.label(), model = c.model(), status = ?c.status,
-                                usage = ?c.usage, cost_usd = done.cost.map(|c| c.usd()), incomplete = c.incomplete, "LLM call"
-                            );
-                        }
+                        report(pipeline.feed(&event), otlp.as_ref());
                         executor.run(pipeline.take_commands(), Instant::now());
                     }
                 }
@@ -122,7 +112,7 @@ pub async fn run(mut config: Config, config_path: Option<PathBuf>, listen: Optio
                 heart.beat();
                 executor.due(Instant::now());
                 executor.forget_gone();
-                pipeline.forget_gone(|pid| executor.alive(pid));
+                report(pipeline.forget_gone(|pid| executor.alive(pid)), otlp.as_ref());
                 // Fleet budgets change with other hosts' spend, not only with events here.
                 pipeline.tick(monotonic_ns());
                 executor.run(pipeline.take_commands(), Instant::now());
@@ -293,6 +283,21 @@ pub fn targets(listen: SocketAddr, json: bool, token_file: Option<&Path>) -> any
         }
     }
     Ok(())
+}
+
+/// Hands finished calls to OTLP (when on) and the debug log.
+fn report(finished: &[crate::pipeline::Finished], otlp: Option<&crate::export::otlp::OtlpExporter>) {
+    for done in finished {
+        if let Some(otlp) = otlp {
+            otlp.send(done);
+        }
+        let (c, who) = (&done.metered.call, &done.who);
+        tracing::debug!(
+            call_id = %done.call_id(), pid = who.pid, exe = %who.exe, agent = %who.agent, workflow = %who.workflow,
+            provider = c.provider.label(), model = c.model(), status = ?c.status,
+            usage = ?c.usage, cost_usd = done.cost.map(|c| c.usd()), incomplete = c.incomplete, "LLM call"
+        );
+    }
 }
 
 /// `gauge-agent __probe-floor`: the benchmark's counting-only probes on `file`.

@@ -96,8 +96,15 @@ impl Pipeline {
     }
 
     /// Forgets policy state of processes that are gone (`alive` says which live).
-    pub fn forget_gone(&mut self, alive: impl Fn(u32) -> bool) {
+    /// Forgets processes that are gone (`alive` says which live); their open
+    /// connections end as if closed. Returns the calls that ended so.
+    pub fn forget_gone(&mut self, alive: impl Fn(u32) -> bool) -> &[Finished] {
+        self.metered.clear();
+        self.finished.clear();
+        self.reassembler.end_gone(&alive, &mut self.metered);
         self.policy.forget_gone(alive);
+        self.finish_metered();
+        &self.finished
     }
 
     /// Starts asking Prometheus for fleet budgets' spend (`spend_source =
@@ -147,7 +154,15 @@ impl Pipeline {
         self.metered.clear();
         self.finished.clear();
         self.reassembler.feed(event, &mut self.metered);
-        for metered in self.metered.drain(..) {
+        self.finish_metered();
+        &self.finished
+    }
+
+    /// Attributes, meters and checks the calls reassembly finished (in `metered`).
+    fn finish_metered(&mut self) {
+        // Taken out and put back, so the stages can be borrowed and the buffer kept.
+        let mut ended = std::mem::take(&mut self.metered);
+        for metered in ended.drain(..) {
             let who = self.attributor.attribute(&metered);
             let labels = self.llm.labels(&metered.call, &who);
             self.llm.describe_container(&labels, &who);
@@ -174,7 +189,7 @@ impl Pipeline {
             }
             self.finished.push(done);
         }
+        self.metered = ended;
         self.reassembly.update(self.reassembler.drops(), self.reassembler.open_connections(), self.reassembler.buffered_bytes());
-        &self.finished
     }
 }

@@ -59,6 +59,7 @@ pub mod programs {
     pub const PLAIN_IO_EXIT: &str = "plain_io_exit";
     pub const PLAIN_CLOSE_ENTER: &str = "plain_close_enter";
     pub const SCHED_PROCESS_EXEC: &str = "sched_process_exec";
+    pub const SCHED_PROCESS_EXIT: &str = "sched_process_exit";
     /// The start-up canary's no-op return probe.
     pub const CANARY_RETURN: &str = "canary_return";
     /// The benchmark's counting-only probes (`gauge-agent __probe-floor`).

@@ -68,9 +68,8 @@ fn admitted(tgid: u32, now_ns: u64, bytes: u64, size: u64, pending: u64) -> bool
 
 /// Whether this record wakes user space. Waking it for every record cost about
 /// 5x the kernel and agent time of waking it now and then; so data records wake it
-/// at most once per [`WAKEUP_INTERVAL_NS`] (the kernel's default then wakes it only
-/// if it is not already reading), or at once when the ring is an eighth full.
-/// Records a stopped process or a new program waits on always wake it.
+/// at most once per [`WAKEUP_INTERVAL_NS`], or at once when the ring is an eighth
+/// full. Records a stopped process or a new program waits on always wake it.
 #[inline(always)]
 fn wakeup(kind: u32, now_ns: u64, size: u64, pending: u64) -> u64 {
     if kind == kind::HELD || kind == kind::STOPPED || kind == kind::EXEC || pending > size / 8 {
@@ -83,7 +82,10 @@ fn wakeup(kind: u32, now_ns: u64, size: u64, pending: u64) -> u64 {
         return BPF_RB_NO_WAKEUP;
     }
     *last = now_ns;
-    0
+    // Forced: the kernel's default wakes only when the reader has consumed up to
+    // this record, which another CPU's earlier, still uncommitted record can
+    // prevent; then nothing would wake it. (User space also looks once a second.)
+    BPF_RB_FORCE_WAKEUP
 }
 
 /// The per-CPU scratch record with its header filled for the current task.

@@ -146,7 +146,8 @@ pub struct SavedCall {
     pub stopped: u32,
     /// 1 from entry to return. A finished call's entry is marked, not deleted, and
     /// the thread's next call overwrites it in place: a map update or delete costs
-    /// several times a lookup, and this runs on every read and write.
+    /// several times a lookup, and this runs on every read and write. The entries of
+    /// an exiting thread are deleted then (`probes/process.rs`).
     pub live: u32,
 }
 

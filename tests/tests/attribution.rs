@@ -147,9 +147,11 @@ fn retarget(cmd: &Command, program: &Path) -> Command {
     out
 }
 
-fn scrape_agents<'w>(world: &'w World, agents: &[&str]) -> Scrape<'w> {
-    let wanted: Vec<[(&str, &str); 1]> = agents.iter().map(|a| [("agent", *a)]).collect();
-    let wanted: Vec<(&[(&str, &str)], f64)> = wanted.iter().map(|l| (&l[..], 1.0)).collect();
+/// Scrapes once each agent has its number of calls (metering lags the client's exit
+/// by up to the capture's read interval).
+fn scrape_agents<'w>(world: &'w World, agents: &[(&str, f64)]) -> Scrape<'w> {
+    let labels: Vec<[(&str, &str); 1]> = agents.iter().map(|(a, _)| [("agent", *a)]).collect();
+    let wanted: Vec<(&[(&str, &str)], f64)> = labels.iter().zip(agents).map(|(l, (_, n))| (&l[..], *n)).collect();
     world.scrape(&wanted)
 }
 
@@ -194,10 +196,12 @@ fn each_matcher_kind_names_its_agent_and_costs_are_exact() {
         "by-cmdline", "by-exe", "by-comm", "by-env", "named-by-variable", "by-user-agent", "claude-code", "by-cgroup",
         "by-container", "pipeline", "unassigned",
     ];
-    let m = scrape_agents(&world, &agents);
+    // The kubepods process is nobody's too.
+    let calls_of = |agent: &str| if agent == "unassigned" { 2.0 } else { 1.0 };
+    let wanted: Vec<(&str, f64)> = agents.iter().map(|a| (*a, calls_of(a))).collect();
+    let m = scrape_agents(&world, &wanted);
     for agent in agents {
-        // The kubepods process is nobody's too.
-        let calls = if agent == "unassigned" { 2.0 } else { 1.0 };
+        let calls = calls_of(agent);
         m.check("gauge_llm_requests_total", &[("agent", agent), ("status", "200")], calls);
         m.check("gauge_llm_cost_usd_total", &[("agent", agent), ("source", "reported")], CALL_USD * calls);
     }
@@ -268,7 +272,7 @@ fn a_process_in_its_own_mount_namespace_with_its_own_libssl_is_seen_and_attribut
         thread::sleep(Duration::from_millis(50));
     }
     held.go("python in its own mount namespace");
-    let m = scrape_agents(&world, &["namespaced-bot"]);
+    let m = scrape_agents(&world, &[("namespaced-bot", 1.0)]);
     let labels = [("agent", "namespaced-bot"), ("container", &NS_CONTAINER_ID[..12]), ("status", "200")];
     m.check("gauge_llm_requests_total", &labels, 1.0);
     m.check("gauge_llm_cost_usd_total", &[("agent", "namespaced-bot")], CALL_USD);

@@ -310,7 +310,7 @@ fn plain_http_capture_starts_when_a_local_model_server_appears() {
     }
     let dir = tempfile::tempdir().expect("tempdir");
     let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port").port();
-    let mut daemon = Daemon::start(&format!("[capture]\nplain_http_ports = [{port}]\nrescan_interval = \"1s\"\n"));
+    let mut daemon = Daemon::start(&format!("[capture]\nplain_http_ports = [{port}]\n"));
     daemon.wait_healthy();
     assert!(daemon.log.text().contains("plain-HTTP capture waits for a local model server"), "{}", daemon.log.text());
     let mock = MockLlm::start_plain(dir.path(), port);

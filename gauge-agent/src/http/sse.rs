@@ -3,8 +3,10 @@
 
 /// Longest line kept; longer ones are cut (counted by the caller through `overflowed`).
 pub const MAX_LINE: usize = 4 * 1024 * 1024;
-/// Line buffers up to this size are reused; a larger one is freed with its line.
-const KEPT_LINE_CAPACITY: usize = 64 * 1024;
+/// Line buffers up to this size are reused (SSE lines are mostly shorter); a larger
+/// one is freed with its line, so a stream does not hold it (it counts in
+/// `buffered`) for having had one long line.
+const KEPT_LINE_CAPACITY: usize = 4 * 1024;
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SseEvent {

@@ -316,7 +316,7 @@ impl CallTracker {
     }
 
     /// Takes model, usage and error from one envelope (body or stream event).
-    fn absorb(&mut self, envelope: Envelope) {
+    fn absorb(&mut self, envelope: Envelope<'_>) {
         // A call recognised by shape as chat may turn out to be Anthropic's Messages.
         if self.by_shape
             && self.recognized.endpoint == Endpoint::ChatCompletions
@@ -332,8 +332,11 @@ impl CallTracker {
         if let Some(inner) = response.or(message) {
             self.absorb(*inner);
         }
-        if let Some(model) = model.or(model_version) {
-            self.response_model = Some(model);
+        // Every chunk of a stream names the model: kept once, not copied each time.
+        if let Some(model) = model.or(model_version)
+            && self.response_model.as_deref() != Some(&*model)
+        {
+            self.response_model = Some(model.into_owned());
         }
         if let Some(raw) = usage {
             match &mut self.reported {

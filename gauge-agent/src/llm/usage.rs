@@ -1,6 +1,9 @@
 //! Reading token usage from provider responses, whole bodies and streamed events.
 
+use std::borrow::Cow;
+
 use serde::Deserialize;
+use serde_json::value::RawValue;
 
 use super::Endpoint;
 
@@ -18,60 +21,89 @@ pub struct Usage {
 
 /// The fields of every provider's response envelope that Gauge reads; the rest is
 /// ignored. One struct serves whole bodies and stream events of all providers.
+///
+/// It borrows from the JSON it is read from, and keeps the fields that carry text
+/// unparsed (`RawValue`): this runs for every chunk of every stream, and the text is
+/// looked at only to estimate tokens a response does not report.
 #[derive(Debug, Default, Deserialize)]
-pub struct Envelope {
-    pub model: Option<String>,
-    #[serde(rename = "modelVersion")]
-    pub model_version: Option<String>,
+pub struct Envelope<'a> {
+    #[serde(borrow)]
+    pub model: Option<Cow<'a, str>>,
+    #[serde(rename = "modelVersion", borrow)]
+    pub model_version: Option<Cow<'a, str>>,
     pub usage: Option<RawUsage>,
     #[serde(rename = "usageMetadata")]
     pub usage_metadata: Option<GeminiUsage>,
-    #[serde(rename = "type")]
-    pub kind: Option<String>,
+    #[serde(rename = "type", borrow)]
+    pub kind: Option<Cow<'a, str>>,
     /// OpenAI Responses stream events wrap the response.
-    pub response: Option<Box<Envelope>>,
+    #[serde(borrow)]
+    pub response: Option<Box<Envelope<'a>>>,
     /// Anthropic `message_start` wraps the message.
-    pub message: Option<Box<Envelope>>,
+    #[serde(borrow)]
+    pub message: Option<Box<Envelope<'a>>>,
     pub error: Option<ErrorBody>,
     /// OpenAI chat: `choices[].delta.content` (streams) or `.message.content`.
-    pub choices: Option<Vec<Choice>>,
+    #[serde(borrow)]
+    pub choices: Option<Vec<Choice<'a>>>,
     /// Anthropic `content_block_delta` (an object) or Responses `*.delta` (a string).
-    pub delta: Option<serde_json::Value>,
+    #[serde(borrow)]
+    pub delta: Option<&'a RawValue>,
     /// Anthropic whole messages: `content[].text`.
-    pub content: Option<serde_json::Value>,
+    #[serde(borrow)]
+    pub content: Option<&'a RawValue>,
     /// Gemini: `candidates[].content.parts[].text`.
-    pub candidates: Option<serde_json::Value>,
+    #[serde(borrow)]
+    pub candidates: Option<&'a RawValue>,
 }
 
 #[derive(Debug, Default, Deserialize)]
-pub struct Choice {
-    pub delta: Option<Message>,
-    pub message: Option<Message>,
+pub struct Choice<'a> {
+    #[serde(borrow)]
+    pub delta: Option<Message<'a>>,
+    #[serde(borrow)]
+    pub message: Option<Message<'a>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
-pub struct Message {
-    pub content: Option<serde_json::Value>,
-    pub reasoning_content: Option<String>,
+pub struct Message<'a> {
+    #[serde(borrow)]
+    pub content: Option<&'a RawValue>,
+    #[serde(borrow)]
+    pub reasoning_content: Option<Cow<'a, str>>,
 }
 
-impl Envelope {
+impl Envelope<'_> {
     /// Generated text this envelope carries, for estimates when usage is missing.
     pub fn output_text(&self, out: &mut String) {
-        let mut push = |v: &serde_json::Value| text_of(v, out);
         for choice in self.choices.iter().flatten() {
             for message in [&choice.delta, &choice.message].into_iter().flatten() {
-                if let Some(content) = &message.content {
-                    push(content);
+                if let Some(content) = message.content {
+                    raw_text(content, out);
                 }
                 if let Some(reasoning) = &message.reasoning_content {
-                    push(&serde_json::Value::String(reasoning.clone()));
+                    out.push_str(reasoning);
                 }
             }
         }
-        for v in [&self.delta, &self.content, &self.candidates].into_iter().flatten() {
-            push(v);
+        for raw in [self.delta, self.content, self.candidates].into_iter().flatten() {
+            raw_text(raw, out);
         }
+    }
+}
+
+/// The text in a raw JSON value: a string as it is (borrowed when it has no
+/// escapes), anything else through [`text_of`].
+fn raw_text(raw: &RawValue, out: &mut String) {
+    let json = raw.get();
+    if json.starts_with('"') {
+        if let Ok(text) = serde_json::from_str::<&str>(json) {
+            out.push_str(text);
+        } else if let Ok(text) = serde_json::from_str::<String>(json) {
+            out.push_str(&text);
+        }
+    } else if let Ok(value) = serde_json::from_str::<serde_json::Value>(json) {
+        text_of(&value, out);
     }
 }
 
@@ -215,7 +247,7 @@ pub fn from_gemini(raw: &GeminiUsage) -> Usage {
 mod tests {
     use super::*;
 
-    fn envelope(json: &str) -> Envelope {
+    fn envelope(json: &str) -> Envelope<'_> {
         serde_json::from_str(json).expect("json")
     }
 

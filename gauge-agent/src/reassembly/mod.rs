@@ -278,9 +278,15 @@ pub struct Reassembler {
     connections: HashMap<(u32, u64), Connection>,
     drops: Drops,
     last_sweep_ns: u64,
+    /// The newest event's time: "now" for [`Reassembler::end_gone`].
+    last_event_ns: u64,
     /// Sum of every connection's `accounted` bytes.
     buffered: usize,
 }
+
+/// How long a gone process's connections are kept after their last event: its last
+/// events may still be on their way from the kernel when its exit is noticed.
+const GONE_GRACE_NS: u64 = 5_000_000_000;
 
 impl Reassembler {
     pub fn new(limits: Limits) -> Self {
@@ -303,6 +309,7 @@ impl Reassembler {
     /// Feeds one captured event; finished calls are appended to `out`.
     pub fn feed(&mut self, event: &CaptureEvent, out: &mut Vec<Metered>) {
         let now = event.timestamp_ns;
+        self.last_event_ns = self.last_event_ns.max(now);
         self.sweep(now, out);
         match &event.payload {
             Payload::Data { connection, .. } => {
@@ -457,6 +464,30 @@ impl Reassembler {
         let conn = self.connections.remove(key)?;
         self.buffered = self.buffered.saturating_sub(conn.accounted);
         Some(conn)
+    }
+
+    /// Ends the connections of processes that are gone, as a close would (a call cut
+    /// short ends incomplete): one that exits without closing TLS (a crash, SIGKILL)
+    /// would otherwise hold them until the idle timeout. `alive` is asked once per
+    /// process; connections with an event in the last few seconds are left for the
+    /// next time. Returns how many were ended.
+    pub fn end_gone(&mut self, alive: impl Fn(u32) -> bool, out: &mut Vec<Metered>) -> usize {
+        let now = self.last_event_ns;
+        let mut verdicts: HashMap<u32, bool> = HashMap::new();
+        let gone: Vec<(u32, u64)> = self
+            .connections
+            .iter()
+            .filter(|(_, c)| now.saturating_sub(c.last_seen_ns) > GONE_GRACE_NS)
+            .map(|(k, _)| *k)
+            .filter(|(tgid, _)| !*verdicts.entry(*tgid).or_insert_with(|| alive(*tgid)))
+            .collect();
+        for key in &gone {
+            if let Some(conn) = self.remove(key) {
+                let at = conn.last_seen_ns;
+                conn.close(at, out);
+            }
+        }
+        gone.len()
     }
 
     /// Evicts connections idle past the timeout, at most once a second of event time.

@@ -217,6 +217,30 @@ fn connections_are_bounded_by_count_and_idleness() {
 }
 
 #[test]
+fn connections_of_a_gone_process_end_once_their_last_events_are_old() {
+    let req = request("/v1/chat/completions", "api.openai.com", "{}", "");
+    let mut cap = Capture::new();
+    cap.data(1, Direction::Write, &req, 4096);
+    let (calls, mut r) = cap.replay(Limits::default());
+    assert!(calls.is_empty());
+    let mut out = Vec::new();
+    // Just seen: its last events may still be on their way, so it stays.
+    assert_eq!(r.end_gone(|_| false, &mut out), 0);
+    // Seconds later (another process's event moves the clock), it ends, incomplete.
+    let mut later = Capture::new();
+    later.t = cap.t + 6_000_000_000;
+    later.data(9, Direction::Write, b"not http at all\r\n\r\n", 4096);
+    for event in &later.events {
+        r.feed(event, &mut out);
+    }
+    assert_eq!(r.end_gone(|tgid| tgid == 42, &mut out), 0, "a live process keeps its connections");
+    assert_eq!(r.end_gone(|_| false, &mut out), 1);
+    assert_eq!(out.len(), 1);
+    assert!(out[0].call.incomplete && out[0].call.status.is_none());
+    assert_eq!(out[0].call.end_ns, cap.t, "ends at its last event");
+}
+
+#[test]
 fn gzip_and_brotli_responses_are_decoded_before_reading_usage() {
     use std::io::Write as _;
     let req = request("/v1/chat/completions", "api.openai.com", r#"{"model":"gpt-4o-mini"}"#, "");

@@ -146,10 +146,11 @@ impl KernelCapture {
         for name in programs_to_load(options.return_probes) {
             uprobe(&mut ebpf, name)?.load().map_err(|source| KernelError::Program { name, source })?;
         }
-        let name = prog::SCHED_PROCESS_EXEC;
-        let exec: &mut RawTracePoint = program(&mut ebpf, name)?;
-        exec.load().map_err(|source| KernelError::Program { name, source })?;
-        exec.attach("sched_process_exec").map_err(|source| KernelError::Program { name, source })?;
+        for name in [prog::SCHED_PROCESS_EXEC, prog::SCHED_PROCESS_EXIT] {
+            let tracepoint: &mut RawTracePoint = program(&mut ebpf, name)?;
+            tracepoint.load().map_err(|source| KernelError::Program { name, source })?;
+            tracepoint.attach(name).map_err(|source| KernelError::Program { name, source })?;
+        }
         Ok(Self { ebpf, return_probes: options.return_probes })
     }
 

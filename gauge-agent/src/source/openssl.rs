@@ -10,7 +10,8 @@
 //! `sub rsp, 8; call ssl_write_internal; ...`, so its arguments reach the internal
 //! function in the same registers. Where the code proves exactly that, for this
 //! build, the internal functions are hooked with the `_ex` programs instead of the
-//! four exported ones; anywhere else the exported functions are hooked as before.
+//! four exported ones (past an `endbr64` in CET builds); anywhere else the exported
+//! functions are hooked as before.
 
 use iced_x86::{Code, Decoder, DecoderOptions, Instruction, Mnemonic, OpKind, Register};
 
@@ -33,15 +34,19 @@ pub fn shared_internal<'c>(plain: Function<'_>, ex: Function<'_>, code_at: impl 
     if !calls(plain, target) {
         return None;
     }
-    begins_with_emulated_push(code_at(target)?).then_some(target)
+    emulated_entry(code_at(target)?).map(|skip| target + skip)
 }
 
-/// `sub rsp, imm` then `call rel32`: the call sees the caller's arguments in the
-/// same registers (nothing else ran), and the stack pointer moved only by the
-/// constant the call target's frame does not depend on.
+/// `sub rsp, imm` then `call rel32` (after an `endbr64` in CET builds): the call
+/// sees the caller's arguments in the same registers (nothing else ran), and the
+/// stack pointer moved only by the constant the call target's frame does not
+/// depend on.
 fn forwarded_call(ex: Function<'_>) -> Option<u64> {
     let mut decoder = Decoder::with_ip(64, ex.code, ex.address, DecoderOptions::NONE);
-    let first = decoder.decode();
+    let mut first = decoder.decode();
+    if first.mnemonic() == Mnemonic::Endbr64 {
+        first = decoder.decode();
+    }
     let is_sub_rsp = first.mnemonic() == Mnemonic::Sub
         && first.op0_kind() == OpKind::Register
         && first.op0_register() == Register::RSP
@@ -69,10 +74,16 @@ fn calls(function: Function<'_>, target: u64) -> bool {
     false
 }
 
-/// `push r64`, which x86 uprobes emulate rather than single-step.
-fn begins_with_emulated_push(code: &[u8]) -> bool {
-    let first = Decoder::with_ip(64, code, 0, DecoderOptions::NONE).decode();
-    first.code() == Code::Push_r64
+/// Where to probe a function that begins with `push r64`, which x86 uprobes
+/// emulate rather than single-step: 0, or past a CET build's `endbr64` (which moves
+/// nothing, so a return probe there still finds the return address at `[rsp]`).
+fn emulated_entry(code: &[u8]) -> Option<u64> {
+    let mut decoder = Decoder::with_ip(64, code, 0, DecoderOptions::NONE);
+    let mut first = decoder.decode();
+    if first.mnemonic() == Mnemonic::Endbr64 {
+        first = decoder.decode();
+    }
+    (first.code() == Code::Push_r64).then(|| first.ip())
 }
 
 #[cfg(test)]
@@ -116,6 +127,10 @@ mod tests {
         // The plain form calls elsewhere.
         let other = Function { address: 0x2000, code: b"\x48\x83\xec\x18\xe8\x00\x10\x00\x00" };
         assert_eq!(shared_internal(other, Function { address: 0x1000, code: EX }, internal_at), None);
+        // A CET build: endbr64 first in both; the probe goes past it, on the push.
+        let cet_ex = b"\xf3\x0f\x1e\xfa\x48\x83\xec\x08\xe8\xf3\x00\x00\x00";
+        let cet_internal = |address: u64| (address == 0x1100).then_some(&b"\xf3\x0f\x1e\xfa\x41\x56\x41\x55"[..]);
+        assert_eq!(shared_internal(p, Function { address: 0x1000, code: cet_ex }, cet_internal), Some(0x1104));
         // The internal function begins with an instruction that is single-stepped anyway.
         let sub_first = |_: u64| Some(&b"\x48\x83\xec\x38"[..]);
         assert_eq!(shared_internal(p, Function { address: 0x1000, code: EX }, sub_first), None);

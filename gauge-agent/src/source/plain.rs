@@ -62,8 +62,16 @@ pub fn listening(proc_root: &Path, pids: &[u32], ports: &[u16]) -> bool {
     pids.iter().any(|pid| {
         let dir = proc_root.join(pid.to_string());
         let Ok(netns) = std::fs::read_link(dir.join("ns/net")) else { return false };
-        seen.insert(netns)
-            && ["net/tcp", "net/tcp6"].iter().filter_map(|table| std::fs::read_to_string(dir.join(table)).ok()).any(|text| listens(&text, ports))
+        if seen.contains(&netns) {
+            return false;
+        }
+        let tables: Vec<String> = ["net/tcp", "net/tcp6"].iter().filter_map(|table| std::fs::read_to_string(dir.join(table)).ok()).collect();
+        // A namespace counts as looked at only once its tables were read (the
+        // process may have exited in between).
+        if !tables.is_empty() {
+            seen.insert(netns);
+        }
+        tables.iter().any(|text| listens(text, ports))
     })
 }
 

@@ -153,7 +153,7 @@ pub fn start(options: CaptureOptions, state: Arc<CaptureState>) -> Result<Captur
         follow_plain_http(&mut kernel, &options.plain_http_ports, &state.counters)?;
     } else if options.plain_http == PlainHttp::Auto && !options.plain_http_ports.is_empty() {
         plain_pending = true;
-        tracing::info!(ports = ?options.plain_http_ports, every = ?options.rescan_interval, "plain-HTTP capture waits for a local model server: nothing listens on these ports (looked at again every rescan_interval; capture.plain_http = \"on\" follows them regardless)");
+        tracing::info!(ports = ?options.plain_http_ports, every = ?PLAIN_LISTENER_CHECK, "plain-HTTP capture waits for a local model server: nothing listens on these ports (looked for again every few seconds; capture.plain_http = \"on\" follows them regardless, e.g. for a server on another host)");
     }
     let ring = kernel.take_ring()?;
     let stats = kernel.take_stats()?;
@@ -320,9 +320,14 @@ struct Rescan {
     every: Duration,
     extra_targets: Vec<PathBuf>,
     plain_ports: Vec<u16>,
-    /// `capture.plain_http = "auto"` with no listener seen yet: looked for at each sweep.
+    /// `capture.plain_http = "auto"` with no listener seen yet: looked for every
+    /// [`PLAIN_LISTENER_CHECK`].
     plain_pending: bool,
 }
+
+/// How often a local model server is looked for while `plain_http = "auto"` waits
+/// for one: a server started after the daemon is followed within this.
+const PLAIN_LISTENER_CHECK: Duration = Duration::from_secs(5);
 
 /// Attaches the plain-HTTP tracepoints and marks connections already open. Plain
 /// HTTP is an addition: where its tracepoints cannot be had (no tracefs, or no
@@ -357,8 +362,12 @@ fn discovery_loop(
 ) {
     let mut rescans: BinaryHeap<Reverse<(Instant, u32)>> = BinaryHeap::new();
     let mut sweep_at = Instant::now() + rescan.every;
+    let mut plain_at = Instant::now() + PLAIN_LISTENER_CHECK;
     loop {
-        let next_at = rescans.peek().map_or(sweep_at, |Reverse((at, _))| (*at).min(sweep_at));
+        let mut next_at = rescans.peek().map_or(sweep_at, |Reverse((at, _))| (*at).min(sweep_at));
+        if rescan.plain_pending {
+            next_at = next_at.min(plain_at);
+        }
         let before = planner.targets().len();
         let mut candidates = Vec::new();
         match execs.recv_timeout(next_at.saturating_duration_since(Instant::now())) {
@@ -372,11 +381,13 @@ fn discovery_loop(
                 if now >= sweep_at {
                     sweep_at = now + rescan.every;
                     candidates = discovery::startup_candidates(&rescan.extra_targets);
-                    let pids = discovery::all_pids(&proc_root);
-                    for &pid in &pids {
+                    for pid in discovery::all_pids(&proc_root) {
                         candidates.extend(discovery::process_candidates(&proc_root, pid));
                     }
-                    if rescan.plain_pending && super::plain::listening(&proc_root, &pids, &rescan.plain_ports) {
+                }
+                if rescan.plain_pending && now >= plain_at {
+                    plain_at = now + PLAIN_LISTENER_CHECK;
+                    if super::plain::listening(&proc_root, &discovery::all_pids(&proc_root), &rescan.plain_ports) {
                         rescan.plain_pending = false;
                         if let Err(error) = follow_plain_http(&mut kernel, &rescan.plain_ports, &state.counters) {
                             tracing::warn!(%error, "plain-HTTP capture could not start");
@@ -405,8 +416,8 @@ const BATCH: usize = 4096;
 /// a call's metering waits (a held request's record always wakes the reader).
 /// Each tick costs a thread wakeup, most of the reader's CPU when it is short.
 const TICK: Duration = Duration::from_millis(20);
-/// How long after the last record the reader goes on ticking; longer than the
-/// kernel's `WAKEUP_INTERVAL_NS`.
+/// How long after the last record the reader goes on ticking (longer than the
+/// kernel's `WAKEUP_INTERVAL_NS`), and how often it looks when idle.
 const QUIET: Duration = Duration::from_secs(1);
 
 struct RingReader {
@@ -435,22 +446,23 @@ impl RingReader {
             }
         };
         // The kernel skips the wakeup for most records (see `gauge-ebpf` `emit::wakeup`):
-        // once one has been seen, the ring is looked at every TICK, whether woken or
-        // not, until it has been quiet for a second. An idle host costs no ticks.
-        let mut last_record: Option<Instant> = None;
+        // once woken, the reader looks at the ring every TICK, whether woken or not,
+        // until it has been quiet for a second; idle, it still looks once a second,
+        // so no record waits longer than that for a wakeup that did not come.
+        let mut active_at: Option<Instant> = None;
         let mut more = false;
         loop {
             if !more {
-                let active = last_record.is_some_and(|t| t.elapsed() < QUIET);
-                let woken = if active {
-                    tokio::time::timeout(TICK, fd.readable_mut()).await.ok()
-                } else {
-                    Some(fd.readable_mut().await)
-                };
+                let active = active_at.is_some_and(|t| t.elapsed() < QUIET);
+                let woken = tokio::time::timeout(if active { TICK } else { QUIET }, fd.readable_mut()).await.ok();
                 match woken {
                     // Readiness is cleared before the ring is read, so a wakeup for a
-                    // record written after this read is not lost.
-                    Some(Ok(mut guard)) => guard.clear_ready(),
+                    // record written after this read is not lost. A wakeup counts as
+                    // activity even when its record is not committed yet.
+                    Some(Ok(mut guard)) => {
+                        guard.clear_ready();
+                        active_at = Some(Instant::now());
+                    }
                     Some(Err(error)) => {
                         tracing::error!(%error, "polling the capture ring buffer failed");
                         return;
@@ -475,7 +487,7 @@ impl RingReader {
                 return;
             }
             if handled > 0 {
-                last_record = Some(Instant::now());
+                active_at = Some(Instant::now());
             }
             more = handled == BATCH;
             if more {

@@ -41,7 +41,14 @@ fn key(goroutine: u64) -> GoCall {
 
 #[inline(always)]
 fn take(calls: &LruHashMap<GoCall, SavedCall>, goroutine: u64) -> Option<SavedCall> {
-    end(calls, &key(goroutine))
+    // Removed, not marked ended as for threads: goroutines are many and short-lived,
+    // and no exit event would clear them.
+    let key = key(goroutine);
+    let call = end(calls, &key);
+    if call.is_some() {
+        let _ = calls.remove(&key);
+    }
+    call
 }
 
 /// `func (c *Conn) Write(b []byte) (int, error)`, past the stack check: saves the

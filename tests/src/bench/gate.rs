@@ -2,12 +2,19 @@
 //! by SIGSTOP, checked by the daemon, released by SIGCONT), measured side by side
 //! with an ungated client of the same daemon, runs taking turns.
 
-use std::process::Command;
+use std::{
+    io::Read as _,
+    process::{Command, Stdio},
+    time::Duration,
+};
 
 use anyhow::{Context as _, bail};
 
 use super::{Row, Scale, median};
-use crate::world::{World, sum};
+use crate::{
+    agent::wait_timeout,
+    world::{World, sum},
+};
 
 const AGENTS: &str = "[[agents]]\nname = \"gated-bench\"\nmatch = { cmdline = \"gated-marker\" }\n";
 const POLICY: &str = "[[policies]]\nname = \"bench\"\nagent = \"gated-bench\"\nmax_requests = 100000000\naction = \"alert\"\ngate = true\n";
@@ -33,11 +40,28 @@ pub fn run(scale: Scale) -> anyhow::Result<Vec<Row>> {
         port = world.mock.port,
     );
     let median_us = |marker: &str| -> anyhow::Result<f64> {
-        let output = Command::new("python3").args(["-c", &script, marker]).output().context("cannot run python3")?;
-        if !output.status.success() {
-            bail!("the {marker} client failed: {}", String::from_utf8_lossy(&output.stderr));
+        let mut child = Command::new("python3")
+            .args(["-c", &script, marker])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("cannot run python3")?;
+        // A gated client is stopped at each write until the daemon releases it: if
+        // the daemon died, it would wait for ever.
+        let Some(status) = wait_timeout(&mut child, Duration::from_secs(120)) else {
+            // SAFETY: signalling our own child.
+            unsafe { libc::kill(child.id() as i32, libc::SIGCONT) };
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("the {marker} client did not finish in 120 s (held and never released?)");
+        };
+        let (mut out, mut err) = (String::new(), String::new());
+        child.stdout.take().map(|mut o| o.read_to_string(&mut out));
+        child.stderr.take().map(|mut e| e.read_to_string(&mut err));
+        if !status.success() {
+            bail!("the {marker} client failed: {err}");
         }
-        String::from_utf8_lossy(&output.stdout).trim().parse::<f64>().context("the client printed no median")
+        out.trim().parse::<f64>().context("the client printed no median")
     };
     let rounds = scale.pick(1, 3);
     let (mut plain, mut gated) = (Vec::new(), Vec::new());
