@@ -7,7 +7,7 @@ use aya_ebpf::helpers::{
 use core::ffi::c_void;
 use gauge_common::tls::{CHUNK_BYTES, HEADER_BYTES, MAX_CHUNKS_PER_CALL, kind, stat};
 
-use crate::maps::{Chunk, EVENTS, LAST_WAKEUP, SCRATCH, SHARES, Share, count, max_call_bytes};
+use crate::maps::{Chunk, ENFORCE, EVENTS, LAST_WAKEUP, SCRATCH, SHARES, Share, count, max_call_bytes};
 
 /// `bpf_ringbuf_query` flags.
 const BPF_RB_AVAIL_DATA: u64 = 0;
@@ -15,10 +15,10 @@ const BPF_RB_RING_SIZE: u64 = 1;
 /// `bpf_ringbuf_output` flags.
 const BPF_RB_NO_WAKEUP: u64 = 1;
 const BPF_RB_FORCE_WAKEUP: u64 = 2;
-/// After a record that may wake user space, others skip the wakeup for this long;
-/// user space, once woken, looks at the ring every few milliseconds for a second
-/// (see `gauge-agent` `source::runtime`), so it finds them without one. Shorter
-/// than that second, or a record could wait for the next wakeup.
+/// After a record that wakes user space, others skip the wakeup for this long;
+/// user space, once woken, looks at the ring every 20 ms for a second (see
+/// `gauge-agent` `source::runtime`), so it finds them without one. Shorter than
+/// that second, or a record could wait for the next wakeup.
 const WAKEUP_INTERVAL_NS: u64 = 50_000_000;
 /// The window over which a process's share of the ring is counted.
 const SHARE_WINDOW_NS: u64 = 100_000_000;
@@ -69,10 +69,18 @@ fn admitted(tgid: u32, now_ns: u64, bytes: u64, size: u64, pending: u64) -> bool
 /// Whether this record wakes user space. Waking it for every record cost about
 /// 5x the kernel and agent time of waking it now and then; so data records wake it
 /// at most once per [`WAKEUP_INTERVAL_NS`], or at once when the ring is an eighth
-/// full. Records a stopped process or a new program waits on always wake it.
+/// full. Records a stopped process or a new program waits on, and those of
+/// processes under a policy, always wake it.
 #[inline(always)]
-fn wakeup(kind: u32, now_ns: u64, size: u64, pending: u64) -> u64 {
+fn wakeup(kind: u32, tgid: u32, now_ns: u64, size: u64, pending: u64) -> u64 {
     if kind == kind::HELD || kind == kind::STOPPED || kind == kind::EXEC || pending > size / 8 {
+        return BPF_RB_FORCE_WAKEUP;
+    }
+    // A process under a policy races user space: its next request must meet the
+    // decision this record leads to (a connection marked as LLM traffic, a budget
+    // spent), so none of its records wait.
+    // SAFETY: only tested for presence.
+    if unsafe { ENFORCE.get(&tgid) }.is_some() {
         return BPF_RB_FORCE_WAKEUP;
     }
     let Some(last) = LAST_WAKEUP.get_ptr_mut(0) else { return 0 };
@@ -130,7 +138,7 @@ fn output(chunk: &mut Chunk, len: usize) -> bool {
         return true;
     }
     chunk.header.chunk_len = len as u32;
-    let flags = wakeup(chunk.header.kind, chunk.header.timestamp_ns, size, pending);
+    let flags = wakeup(chunk.header.kind, chunk.header.tgid, chunk.header.timestamp_ns, size, pending);
     // SAFETY: `chunk` is a valid map value of HEADER_BYTES + CHUNK_BYTES bytes and
     // `len <= CHUNK_BYTES`.
     let ret = unsafe {
