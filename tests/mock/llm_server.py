@@ -9,8 +9,6 @@ concurrent tests cannot race for one, and writes it to PORT_FILE once listening)
 Models with special behaviour:
   "fail-once-*": the first request with a given body gets 429 (retry-after-ms: 10).
   "always-429-*": every request gets 429 (retry-after-ms: 10).
-  "chunks-N-*": a streamed chat completion of N content chunks, without the pause
-    between events (benchmarks: `cargo xtask bench`).
 Every complete request is counted by model in PORT_FILE.received (JSON), so a test
 can tell what reached the provider.
 """
@@ -71,12 +69,12 @@ async def send_json(send, status, payload, accept_gzip, headers=()):
     await send({"type": "http.response.body", "body": body})
 
 
-async def send_sse(send, events, pause=0.001):
+async def send_sse(send, events):
     await send({"type": "http.response.start", "status": 200,
                 "headers": [(b"content-type", b"text/event-stream; charset=utf-8")]})
     for event in events:
         await send({"type": "http.response.body", "body": event.encode(), "more_body": True})
-        await asyncio.sleep(pause)
+        await asyncio.sleep(0.001)
     await send({"type": "http.response.body", "body": b""})
 
 
@@ -84,10 +82,7 @@ def chat_events(request):
     include_usage = (request.get("stream_options") or {}).get("include_usage")
     base = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 0, "model": request["model"] + CHAT_SUFFIX}
     events = []
-    words = ["Hel", "lo", "!"]
-    if request["model"].startswith("chunks-"):
-        words = ["tok%d " % i for i in range(int(request["model"].split("-")[1]))]
-    for word in words:
+    for word in ["Hel", "lo", "!"]:
         chunk = dict(base, choices=[{"index": 0, "delta": {"content": word}, "finish_reason": None}])
         if include_usage:
             chunk["usage"] = None
@@ -186,8 +181,7 @@ async def app(scope, receive, send):
                                     "data": [{"object": "embedding", "index": 0, "embedding": vector}]}, accept_gzip)
     elif path.endswith("/chat/completions"):
         if request.get("stream"):
-            # Benchmark streams: each event its own write, with no pause between.
-            await send_sse(send, chat_events(request), pause=0 if model.startswith("chunks-") else 0.001)
+            await send_sse(send, chat_events(request))
         else:
             await send_json(send, 200, {"id": "chatcmpl-1", "object": "chat.completion", "created": 0, "model": model + CHAT_SUFFIX,
                                         "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hello!"},

@@ -37,15 +37,6 @@ pub fn peak_rss(pid: u32) -> std::io::Result<u64> {
     status_bytes(pid, "VmHWM")
 }
 
-/// CPU time used by the calling process's waited-for children so far.
-pub fn children_cpu() -> Duration {
-    // SAFETY: getrusage writes into the struct it is given.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut usage) };
-    let tv = |t: libc::timeval| Duration::from_secs(t.tv_sec as u64) + Duration::from_micros(t.tv_usec as u64);
-    tv(usage.ru_utime) + tv(usage.ru_stime)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
