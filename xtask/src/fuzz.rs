@@ -31,10 +31,27 @@ pub fn run(seconds: u64, only: &[String]) -> anyhow::Result<()> {
         }
     }
     let targets: Vec<&str> = if only.is_empty() { TARGETS.to_vec() } else { only.iter().map(String::as_str).collect() };
-    for target in targets {
-        if !TARGETS.contains(&target) {
-            bail!("unknown fuzz target `{target}`; targets: {}", TARGETS.join(", "));
+    if let Some(unknown) = targets.iter().find(|t| !TARGETS.contains(t)) {
+        bail!("unknown fuzz target `{unknown}`; targets: {}", TARGETS.join(", "));
+    }
+    // Build every target first, in one go, so that a build that fails (a full disk,
+    // a compile error) is reported as that and not as a crash the fuzzer found.
+    eprintln!("==> fuzz: building {} target(s)", targets.len());
+    crate::disk::warn_if_low(Path::new("fuzz"), crate::disk::FUZZ_NEEDS_GIB);
+    // `cargo fuzz build` takes one target or, with none, builds them all.
+    let builds: Vec<Option<&str>> = if only.is_empty() { vec![None] } else { targets.iter().copied().map(Some).collect() };
+    for build in builds {
+        let status = Command::new("cargo")
+            .env("GAUGE_EBPF_STUB", "1")
+            .args(["+nightly", "fuzz", "build"])
+            .args(build)
+            .status()
+            .context("cannot run cargo fuzz build")?;
+        if !status.success() {
+            bail!("building the fuzz targets failed ({status}): see the compiler's message above");
         }
+    }
+    for target in targets {
         // New inputs go to a scratch corpus; the committed seeds stay as they are.
         let scratch = Path::new("target/fuzz-corpus").join(target);
         std::fs::create_dir_all(&scratch).with_context(|| format!("cannot create {}", scratch.display()))?;

@@ -1,6 +1,7 @@
 //! `cargo xtask`: set-up, build, run and test. Orchestration only.
 
 mod demo;
+mod disk;
 mod fuzz;
 mod setup;
 
@@ -115,6 +116,7 @@ fn main() -> anyhow::Result<()> {
             exit_with(bench.status().context("cannot start target/release/gauge-bench")?)
         }
         Cmd::Test { args } => {
+            disk::warn_if_low(std::path::Path::new("."), disk::TEST_NEEDS_GIB);
             setup::run()?;
             setup::test_dependencies()?;
             step("building the agent (release, eBPF object embedded)", || cargo(&["build", "--release", "-p", "gauge-agent"]))?;
