@@ -29,6 +29,11 @@ pub const PLAIN_PORTS: &str = "PLAIN_PORTS";
 /// LRU hash map [`crate::tls::PlainSocket`] -> `u64` connection id (top bit set).
 pub const PLAIN_FDS: &str = "PLAIN_FDS";
 
+/// Array of one `u64`: successful `listen(2)` calls on the host (approximate: CPUs
+/// may race), so that `capture.plain_http = "auto"` looks for a local model server
+/// only after one may have appeared.
+pub const LISTENS: &str = "LISTENS";
+
 /// Program names (the Rust function names in `gauge-ebpf`).
 pub mod programs {
     pub const SSL_WRITE_ENTRY: &str = "ssl_write_entry";
@@ -58,6 +63,7 @@ pub mod programs {
     pub const PLAIN_READ_ENTER: &str = "plain_read_enter";
     pub const PLAIN_IO_EXIT: &str = "plain_io_exit";
     pub const PLAIN_CLOSE_ENTER: &str = "plain_close_enter";
+    pub const PLAIN_LISTEN_EXIT: &str = "plain_listen_exit";
     pub const SCHED_PROCESS_EXEC: &str = "sched_process_exec";
     pub const SCHED_PROCESS_EXIT: &str = "sched_process_exit";
     /// The start-up canary's no-op return probe.

@@ -56,6 +56,10 @@ pub struct GoCall {
 #[map]
 pub static PLAIN_PORTS: HashMap<u16, u8> = HashMap::with_max_entries(64, 0);
 
+/// Successful `listen(2)` calls (see `gauge_common::maps::LISTENS`).
+#[map]
+pub static LISTENS: Array<u64> = Array::with_max_entries(1, 0);
+
 /// The socket of a `connect` to a listed port, between its entry and exit.
 #[map]
 pub static PLAIN_CONNECTING: LruHashMap<u64, u32> = LruHashMap::with_max_entries(4096, 0);

@@ -301,8 +301,8 @@ fn plain_http_to_a_local_model_server_is_metered_exactly() {
 
 /// `capture.plain_http = "auto"` (the default): with no local model server the
 /// syscall tracepoints are not attached (every process's reads and writes would
-/// pay for them); once one listens, the next sweep attaches them and its calls
-/// are metered.
+/// pay for them); once one listens (a listen(2) the kernel counts), the next check
+/// attaches them and its calls are metered.
 #[test]
 fn plain_http_capture_starts_when_a_local_model_server_appears() {
     if !kernel_tests_enabled("plain HTTP auto") {
@@ -313,6 +313,9 @@ fn plain_http_capture_starts_when_a_local_model_server_appears() {
     let mut daemon = Daemon::start(&format!("[capture]\nplain_http_ports = [{port}]\n"));
     daemon.wait_healthy();
     assert!(daemon.log.text().contains("plain-HTTP capture waits for a local model server"), "{}", daemon.log.text());
+    // It waits by counting listen(2) calls in the kernel, not by reading every
+    // namespace's sockets tables every few seconds.
+    assert!(!daemon.log.text().contains("listen(2) calls cannot be counted"), "{}", daemon.log.text());
     let mock = MockLlm::start_plain(dir.path(), port);
     daemon.log.wait_for(&["following plain-HTTP connections"], Duration::from_secs(20));
     let (_, out) = clients::run(

@@ -191,14 +191,14 @@ fn read_text(path: &Path) -> Option<String> {
 /// go first, then the oldest.
 #[derive(Debug, Default)]
 pub struct ProcessTable {
-    entries: HashMap<u32, (u64, ProcessInfo)>,
+    entries: HashMap<u32, (u64, ProcessInfo), foldhash::fast::RandomState>,
     next_seq: u64,
     capacity: usize,
 }
 
 impl ProcessTable {
     pub fn new(capacity: usize) -> Self {
-        Self { entries: HashMap::new(), next_seq: 0, capacity: capacity.max(16) }
+        Self { entries: HashMap::default(), next_seq: 0, capacity: capacity.max(16) }
     }
 
     pub fn get(&self, tgid: u32) -> Option<&ProcessInfo> {

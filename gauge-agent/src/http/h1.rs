@@ -4,7 +4,8 @@
 //! chunked transfer coding removed) and message ends. Heads are parsed with
 //! `httparse`; bodies are framed by `Content-Length`, chunked coding, or the end of
 //! the connection. Memory is bounded: at most `MAX_HEAD` bytes are buffered while a
-//! head is incomplete, and body bytes are passed through, never accumulated.
+//! head is incomplete, and body bytes are passed through (as ranges of the input),
+//! never copied or accumulated.
 
 use super::{Headers, RequestHead, ResponseHead};
 
@@ -23,8 +24,10 @@ pub enum Side {
 pub enum Event {
     Request(RequestHead),
     Response(ResponseHead),
-    /// Body bytes of the current message, transfer coding removed.
-    Body(Vec<u8>),
+    /// Body bytes of the current message, transfer coding removed: this range of
+    /// the bytes given to the [`Decoder::feed`] call that produced the event (they
+    /// are not copied; take them before feeding more).
+    Body(std::ops::Range<usize>),
     /// The current message is complete.
     End,
 }
@@ -89,7 +92,8 @@ impl Decoder {
         let mut input = bytes;
         while !input.is_empty() || (self.state == State::Head && !self.buf.is_empty()) {
             let before = input.len();
-            let progressed = match self.step(&mut input, out) {
+            let at = bytes.len() - input.len();
+            let progressed = match self.step(&mut input, at, out) {
                 Ok(progressed) => progressed,
                 Err(error) => {
                     self.state = State::Failed;
@@ -112,13 +116,14 @@ impl Decoder {
         }
     }
 
-    /// One state transition; returns whether anything happened besides consuming input.
-    fn step(&mut self, input: &mut &[u8], out: &mut Vec<Event>) -> Result<bool, H1Error> {
+    /// One state transition; returns whether anything happened besides consuming
+    /// input. `input` begins at `at` in the bytes being fed.
+    fn step(&mut self, input: &mut &[u8], at: usize, out: &mut Vec<Event>) -> Result<bool, H1Error> {
         match self.state {
             State::Head => self.head(input, out),
             State::Fixed(left) => {
                 let n = (left.min(input.len() as u64)) as usize;
-                out.push(Event::Body(input[..n].to_vec()));
+                out.push(Event::Body(at..at + n));
                 *input = &input[n..];
                 if left == n as u64 {
                     out.push(Event::End);
@@ -129,38 +134,39 @@ impl Decoder {
                 Ok(true)
             }
             State::UntilClose => {
-                out.push(Event::Body(input.to_vec()));
+                out.push(Event::Body(at..at + input.len()));
                 *input = &[];
                 Ok(true)
             }
             State::ChunkSize => {
-                let Some(line) = self.line(input)? else { return Ok(false) };
-                let size = std::str::from_utf8(&line)
-                    .ok()
-                    .and_then(|l| l.split(';').next())
-                    .and_then(|s| u64::from_str_radix(s.trim(), 16).ok())
-                    .ok_or(H1Error::Chunked("chunk size is not hexadecimal"))?;
+                let Some(size) = self.line(input, |line| {
+                    std::str::from_utf8(line).ok().and_then(|l| l.split(';').next()).and_then(|s| u64::from_str_radix(s.trim(), 16).ok())
+                })?
+                else {
+                    return Ok(false);
+                };
+                let size = size.ok_or(H1Error::Chunked("chunk size is not hexadecimal"))?;
                 self.state = if size == 0 { State::Trailers } else { State::ChunkData(size) };
                 Ok(true)
             }
             State::ChunkData(left) => {
                 let n = (left.min(input.len() as u64)) as usize;
-                out.push(Event::Body(input[..n].to_vec()));
+                out.push(Event::Body(at..at + n));
                 *input = &input[n..];
                 self.state = if left == n as u64 { State::ChunkDataEnd } else { State::ChunkData(left - n as u64) };
                 Ok(true)
             }
             State::ChunkDataEnd => {
-                let Some(line) = self.line(input)? else { return Ok(false) };
-                if !line.is_empty() {
+                let Some(empty) = self.line(input, <[u8]>::is_empty)? else { return Ok(false) };
+                if !empty {
                     return Err(H1Error::Chunked("chunk data not followed by CRLF"));
                 }
                 self.state = State::ChunkSize;
                 Ok(true)
             }
             State::Trailers => {
-                let Some(line) = self.line(input)? else { return Ok(false) };
-                if line.is_empty() {
+                let Some(empty) = self.line(input, <[u8]>::is_empty)? else { return Ok(false) };
+                if empty {
                     out.push(Event::End);
                     self.state = State::Head;
                 }
@@ -170,17 +176,25 @@ impl Decoder {
         }
     }
 
-    /// Takes one CRLF-terminated line (without the CRLF), buffering partial lines.
-    fn line(&mut self, input: &mut &[u8]) -> Result<Option<Vec<u8>>, H1Error> {
-        match input.iter().position(|&b| b == b'\n') {
+    /// Takes one CRLF-terminated line and gives it (without the CRLF) to `read`,
+    /// buffering partial lines. A line wholly in `input` is read in place: chunk
+    /// framing has two lines per chunk, and this runs for every chunk of a stream.
+    fn line<R>(&mut self, input: &mut &[u8], read: impl FnOnce(&[u8]) -> R) -> Result<Option<R>, H1Error> {
+        fn strip_cr(line: &[u8]) -> &[u8] {
+            line.strip_suffix(b"\r").unwrap_or(line)
+        }
+        match memchr::memchr(b'\n', input) {
+            Some(i) if self.buf.is_empty() => {
+                let result = read(strip_cr(&input[..i]));
+                *input = &input[i + 1..];
+                Ok(Some(result))
+            }
             Some(i) => {
                 self.buf.extend_from_slice(&input[..i]);
                 *input = &input[i + 1..];
-                let mut line = std::mem::take(&mut self.buf);
-                if line.last() == Some(&b'\r') {
-                    line.pop();
-                }
-                Ok(Some(line))
+                let result = read(strip_cr(&self.buf));
+                self.buf.clear();
+                Ok(Some(result))
             }
             None => {
                 if self.buf.len() + input.len() > MAX_HEAD {
@@ -291,27 +305,36 @@ fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
 mod tests {
     use super::*;
 
-    fn decode_in_pieces(side: Side, bytes: &[u8], piece: usize) -> Vec<Event> {
+    /// An event with its body bytes taken out of the input.
+    #[derive(Debug, PartialEq)]
+    enum Seen {
+        Head(Event),
+        Body(Vec<u8>),
+    }
+
+    fn body(bytes: &[u8]) -> Seen {
+        Seen::Body(bytes.to_vec())
+    }
+
+    /// Consecutive bodies joined, so tests are independent of piece size.
+    fn decode_in_pieces(side: Side, bytes: &[u8], piece: usize) -> Vec<Seen> {
         let mut decoder = Decoder::new(side);
+        let mut seen: Vec<Seen> = Vec::new();
         let mut out = Vec::new();
         for chunk in bytes.chunks(piece) {
             decoder.feed(chunk, &mut out).expect("valid");
-        }
-        decoder.close(&mut out);
-        merge_bodies(out)
-    }
-
-    /// Joins consecutive Body events so tests are independent of piece size.
-    fn merge_bodies(events: Vec<Event>) -> Vec<Event> {
-        let mut merged: Vec<Event> = Vec::new();
-        for event in events {
-            match (merged.last_mut(), event) {
-                (Some(Event::Body(acc)), Event::Body(more)) => acc.extend(more),
-                (_, event) => merged.push(event),
+            for event in out.drain(..) {
+                match (seen.last_mut(), event) {
+                    (Some(Seen::Body(acc)), Event::Body(range)) => acc.extend_from_slice(&chunk[range]),
+                    (_, Event::Body(range)) => seen.push(Seen::Body(chunk[range].to_vec())),
+                    (_, event) => seen.push(Seen::Head(event)),
+                }
             }
         }
-        merged.retain(|e| !matches!(e, Event::Body(b) if b.is_empty()));
-        merged
+        decoder.close(&mut out);
+        seen.extend(out.into_iter().map(Seen::Head));
+        seen.retain(|e| !matches!(e, Seen::Body(b) if b.is_empty()));
+        seen
     }
 
     #[test]
@@ -321,11 +344,11 @@ mod tests {
         for piece in [1, 2, 3, 7, 16] {
             assert_eq!(decode_in_pieces(Side::Request, bytes, piece), whole, "piece {piece}");
         }
-        assert!(matches!(&whole[0], Event::Request(h) if h.method == "POST" && h.path == "/v1/chat/completions"));
-        assert_eq!(whole[1], Event::Body(b"hello".to_vec()));
-        assert_eq!(whole[2], Event::End);
-        assert!(matches!(&whole[3], Event::Request(h) if h.path == "/a"));
-        assert_eq!(whole[4], Event::End);
+        assert!(matches!(&whole[0], Seen::Head(Event::Request(h)) if h.method == "POST" && h.path == "/v1/chat/completions"));
+        assert_eq!(whole[1], body(b"hello"));
+        assert_eq!(whole[2], Seen::Head(Event::End));
+        assert!(matches!(&whole[3], Seen::Head(Event::Request(h)) if h.path == "/a"));
+        assert_eq!(whole[4], Seen::Head(Event::End));
     }
 
     #[test]
@@ -333,9 +356,9 @@ mod tests {
         let bytes = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nX-Trailer: t\r\n\r\n";
         for piece in [1, 4, bytes.len()] {
             let events = decode_in_pieces(Side::Response, bytes, piece);
-            assert!(matches!(&events[0], Event::Response(h) if h.status == 200));
-            assert_eq!(events[1], Event::Body(b"hello world".to_vec()));
-            assert_eq!(events[2], Event::End);
+            assert!(matches!(&events[0], Seen::Head(Event::Response(h)) if h.status == 200));
+            assert_eq!(events[1], body(b"hello world"));
+            assert_eq!(events[2], Seen::Head(Event::End));
             assert_eq!(events.len(), 3);
         }
     }
@@ -356,8 +379,8 @@ mod tests {
     #[test]
     fn a_body_framed_by_close_ends_at_close() {
         let events = decode_in_pieces(Side::Response, b"HTTP/1.0 200 OK\r\n\r\nstream until close", 5);
-        assert_eq!(events[1], Event::Body(b"stream until close".to_vec()));
-        assert_eq!(events[2], Event::End);
+        assert_eq!(events[1], body(b"stream until close"));
+        assert_eq!(events[2], Seen::Head(Event::End));
     }
 
     #[test]

@@ -103,6 +103,9 @@ impl UsageSource {
 
 /// Text kept per call for estimates (bytes).
 const MAX_TEXT: usize = 4 << 20;
+/// Stream events kept unparsed per call (bytes), for their text should an estimate
+/// need it; past this they are parsed and their text kept instead.
+const MAX_DEFERRED: usize = 256 << 10;
 
 impl LlmCall {
     /// The model to report: what the provider answered, else what was asked.
@@ -161,6 +164,15 @@ pub struct CallTracker {
     request_text: String,
     /// Generated text seen so far, for the same reason.
     output_text: String,
+    /// The request makes the provider report usage at the end of a stream: only
+    /// then are text-only events left unparsed (else their text is wanted anyway).
+    usage_expected: bool,
+    /// Stream events that carry only text, not parsed yet (each after its length as
+    /// u32): their text is wanted only if no usage comes, so they are parsed then,
+    /// or when this fills up, and dropped once usage is reported.
+    deferred: Vec<u8>,
+    /// The SSE decoder's output for the read at hand (empty between reads).
+    sse_events: Vec<sse::SseEvent>,
     /// Recognised from the request body, without headers.
     by_shape: bool,
     request: RequestContext,
@@ -192,6 +204,9 @@ impl CallTracker {
             error_type: None,
             request_text: String::new(),
             output_text: String::new(),
+            usage_expected: false,
+            deferred: Vec::new(),
+            sse_events: Vec::new(),
             by_shape: false,
             request: RequestContext::from_headers(&head.headers),
             exchange: Exchange::Unknown,
@@ -221,6 +236,7 @@ impl CallTracker {
             + self.body.capacity()
             + self.request_text.capacity()
             + self.output_text.capacity()
+            + self.deferred.capacity()
             + self.sse.as_ref().map_or(0, sse::Decoder::buffered)
             + self.encoding.as_ref().map_or(0, ContentDecoder::state_bytes)
     }
@@ -239,6 +255,9 @@ impl CallTracker {
                 self.request_model = Some(model.to_owned());
             }
             self.stream_requested |= json.get("stream").and_then(|s| s.as_bool()).unwrap_or(false);
+            // Chat completions stream usage only when asked; the other APIs always do.
+            self.usage_expected = self.recognized.endpoint != Endpoint::ChatCompletions
+                || json.pointer("/stream_options/include_usage").and_then(serde_json::Value::as_bool) == Some(true);
             self.request_text = estimate::request_text(&json);
             self.request.read_body(&json);
             self.request_text.truncate(floor_char_boundary(&self.request_text, MAX_TEXT));
@@ -287,11 +306,13 @@ impl CallTracker {
             }
         }
         if let Some(decoder) = &mut self.sse {
-            let mut events = Vec::new();
+            // Kept between reads, so each does not allocate its own.
+            let mut events = std::mem::take(&mut self.sse_events);
             decoder.feed(bytes, &mut events);
-            for event in events {
+            for event in events.drain(..) {
                 self.stream_event(&event, at_ns);
             }
+            self.sse_events = events;
             return;
         }
         self.body_cut |= append_capped(&mut self.body, bytes, MAX_RESPONSE_BODY);
@@ -299,6 +320,18 @@ impl CallTracker {
 
     fn stream_event(&mut self, event: &sse::SseEvent, at_ns: u64) {
         if event.data == "[DONE]" {
+            return;
+        }
+        // Most events of a stream carry a token of text and nothing else: once the
+        // first token is timed, and if usage is to come at the end, they are kept
+        // unparsed, for an estimate that the usage will make needless (a
+        // shape-recognised call still needs each event's type to tell the provider).
+        if self.usage_expected
+            && self.first_token_ns.is_some()
+            && !self.by_shape
+            && usage::only_text(event.data.as_bytes(), self.response_model.as_deref())
+        {
+            self.defer(&event.data);
             return;
         }
         let Ok(envelope) = serde_json::from_str::<Envelope>(&event.data) else { return };
@@ -326,6 +359,10 @@ impl CallTracker {
             self.recognized.provider = Provider::Anthropic;
         }
         if self.output_text.len() < MAX_TEXT {
+            // Earlier text first, unless usage is in this envelope: then no text is wanted.
+            if !envelope.carries_usage() {
+                self.parse_deferred();
+            }
             envelope.output_text(&mut self.output_text);
         }
         let Envelope { model, model_version, usage, usage_metadata, response, message, error, .. } = envelope;
@@ -350,6 +387,47 @@ impl CallTracker {
         if let Some(error) = error {
             self.error_type = error.label();
         }
+        if !matches!(self.reported, Reported::None) {
+            self.deferred = Vec::new();
+        }
+    }
+
+    /// Keeps a text-only stream event for [`Self::parse_deferred`].
+    fn defer(&mut self, data: &str) {
+        if !matches!(self.reported, Reported::None) || self.output_text.len() >= MAX_TEXT {
+            return;
+        }
+        let Ok(len) = u32::try_from(data.len()) else { return };
+        if self.deferred.len() + 4 + data.len() > MAX_DEFERRED {
+            self.parse_deferred();
+            if 4 + data.len() > MAX_DEFERRED {
+                if let Ok(envelope) = serde_json::from_str::<Envelope>(data) {
+                    envelope.output_text(&mut self.output_text);
+                }
+                return;
+            }
+        }
+        self.deferred.extend_from_slice(&len.to_le_bytes());
+        self.deferred.extend_from_slice(data.as_bytes());
+    }
+
+    /// The text of the deferred events, in order, into `output_text`.
+    fn parse_deferred(&mut self) {
+        let deferred = std::mem::take(&mut self.deferred);
+        let mut rest = deferred.as_slice();
+        while let Some((len, tail)) = rest.split_first_chunk::<4>() {
+            let len = (u32::from_le_bytes(*len) as usize).min(tail.len());
+            let (data, tail) = tail.split_at(len);
+            if self.output_text.len() < MAX_TEXT
+                && let Ok(envelope) = serde_json::from_slice::<Envelope>(data)
+            {
+                envelope.output_text(&mut self.output_text);
+            }
+            rest = tail;
+        }
+        // The buffer is kept for the stream's next events.
+        self.deferred = deferred;
+        self.deferred.clear();
     }
 
     /// The exchange is over; `complete` is false when it was cut short.
@@ -384,6 +462,9 @@ impl CallTracker {
             };
         }
         let endpoint = self.recognized.endpoint;
+        if matches!(self.reported, Reported::None) {
+            self.parse_deferred();
+        }
         let (usage, usage_source) = match &self.reported {
             Reported::Raw(raw) => (Some(usage::from_raw(endpoint, raw)), UsageSource::Reported),
             Reported::Gemini(g) => (Some(usage::from_gemini(g)), UsageSource::Reported),

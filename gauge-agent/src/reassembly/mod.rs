@@ -184,8 +184,9 @@ impl Connection {
         self.requests.buffered() + self.responses.buffered() + calls + protocol
     }
 
-    fn request_events(&mut self, events: Vec<h1::Event>, at: u64) {
-        for event in events {
+    /// `bytes`: what the decoder was fed, which its body events are ranges of.
+    fn request_events(&mut self, events: &mut Vec<h1::Event>, bytes: &[u8], at: u64) {
+        for event in events.drain(..) {
             match event {
                 h1::Event::Request(head) => {
                     self.responses.expect_head_response(head.method == "HEAD");
@@ -202,9 +203,9 @@ impl Connection {
                         self.waiting.push_back(previous);
                     }
                 }
-                h1::Event::Body(bytes) => {
+                h1::Event::Body(range) => {
                     if let Some(Pending::Llm(call)) = &mut self.current {
-                        call.request_body(&bytes);
+                        call.request_body(&bytes[range]);
                     }
                 }
                 h1::Event::End => {
@@ -220,8 +221,8 @@ impl Connection {
         }
     }
 
-    fn response_events(&mut self, events: Vec<h1::Event>, at: u64, out: &mut Vec<Metered>) {
-        for event in events {
+    fn response_events(&mut self, events: &mut Vec<h1::Event>, bytes: &[u8], at: u64, out: &mut Vec<Metered>) {
+        for event in events.drain(..) {
             // A response may start before its request has been fully read (a server
             // answering early): the request in progress is the one it answers.
             if self.waiting.is_empty()
@@ -238,9 +239,9 @@ impl Connection {
                         call.response_head(head);
                     }
                 }
-                h1::Event::Body(bytes) => {
+                h1::Event::Body(range) => {
                     if let Some(Pending::Llm(call)) = self.waiting.front_mut() {
-                        call.response_body(&bytes, at);
+                        call.response_body(&bytes[range], at);
                     }
                 }
                 h1::Event::End => {
@@ -262,7 +263,7 @@ impl Connection {
         }
         let mut tail = Vec::new();
         self.responses.close(&mut tail);
-        self.response_events(tail, at, out);
+        self.response_events(&mut tail, &[], at, out);
         for pending in self.current.take().into_iter().chain(self.waiting.drain(..)) {
             if let Pending::Llm(call) = pending {
                 out.push(Metered { origin: self.origin.clone(), call: call.finish(at, false) });
@@ -275,13 +276,16 @@ impl Connection {
 #[derive(Default)]
 pub struct Reassembler {
     limits: Limits,
-    connections: HashMap<(u32, u64), Connection>,
+    connections: HashMap<(u32, u64), Connection, foldhash::fast::RandomState>,
     drops: Drops,
     last_sweep_ns: u64,
     /// The newest event's time: "now" for [`Reassembler::end_gone`].
     last_event_ns: u64,
     /// Sum of every connection's `accounted` bytes.
     buffered: usize,
+    /// The HTTP/1 decoders' output for the event at hand, kept between events so
+    /// each does not allocate its own.
+    h1_events: Vec<h1::Event>,
 }
 
 /// How long a gone process's connections are kept after their last event: its last
@@ -352,7 +356,6 @@ impl Reassembler {
             *left = u64::from(*call_len);
         }
         *left = left.saturating_sub(bytes.len() as u64);
-        let mut events = Vec::new();
         let (decoder, side) = match direction {
             Direction::Write => (&mut conn.requests, Side::Request),
             Direction::Read => (&mut conn.responses, Side::Response),
@@ -388,7 +391,11 @@ impl Reassembler {
         if conn.requests_seen == 0 && *offset == 0 && matches!(side, Side::Request) && begins_request(bytes) {
             *decoder = h1::Decoder::new(Side::Request);
         }
-        if decoder.feed(bytes, &mut events).is_err() {
+        let mut events = std::mem::take(&mut self.h1_events);
+        events.clear();
+        let fed = decoder.feed(bytes, &mut events);
+        if fed.is_err() {
+            self.h1_events = events;
             let serving = match side {
                 Side::Request => bytes.starts_with(b"HTTP/"),
                 Side::Response => bytes.split(|&b| b == b' ').next().is_some_and(|m| METHODS.contains(&m)),
@@ -413,9 +420,10 @@ impl Reassembler {
             return;
         }
         match side {
-            Side::Request => conn.request_events(events, now),
-            Side::Response => conn.response_events(events, now, out),
+            Side::Request => conn.request_events(&mut events, bytes, now),
+            Side::Response => conn.response_events(&mut events, bytes, now, out),
         }
+        self.h1_events = events;
     }
 
     /// Brings the buffered total up to date after an event on `key`, and evicts

@@ -143,6 +143,42 @@ fn a_stream_without_usage_is_estimated_with_the_model_tokenizer() {
     assert!(!c.incomplete);
 }
 
+/// Text-only stream events are kept unparsed until an estimate needs them: what is
+/// estimated must be all the text, in order, however many events there were, cut
+/// or not, and whatever events in between were parsed.
+#[test]
+fn estimates_count_all_the_text_of_long_and_cut_streams() {
+    let req = request(
+        "/v1/chat/completions",
+        "api.openai.com",
+        r#"{"model":"gpt-4o-mini","stream":true,"stream_options":{"include_usage":true},"messages":[]}"#,
+        "",
+    );
+    // Past the unparsed events' cap (256 KiB), with a parsed event now and then.
+    let mut events = Vec::new();
+    let mut text = String::new();
+    for i in 0..4000 {
+        let model = if i % 997 == 5 { "gpt-4o-mini-other" } else { "gpt-4o-mini" };
+        let token = format!(" tok{i}é");
+        text.push_str(&token);
+        events.push(format!("data: {{\"model\":\"{model}\",\"choices\":[{{\"delta\":{{\"content\":\"{token}\"}}}}],\"usage\":null}}\n\n"));
+    }
+    let expected = crate::llm::estimate::count("gpt-4o-mini", &text);
+    let refs: Vec<&str> = events.iter().map(String::as_str).collect();
+    let whole = sse_response(&refs);
+    // Cut: the connection closes before the usage event (and the stream's end).
+    let cut = &whole[..whole.len() - 5];
+    for (resp, complete) in [(&whole[..], true), (cut, false)] {
+        let mut cap = Capture::new();
+        cap.data(3, Direction::Write, &req, 4096).data(3, Direction::Read, resp, 1500).close(3);
+        let (calls, _) = cap.replay(Limits::default());
+        let c = &calls[0].call;
+        assert_eq!(c.usage_source, crate::llm::UsageSource::Estimated);
+        assert_eq!(c.usage.map(|u| u.output), Some(expected), "complete: {complete}");
+        assert_eq!(c.incomplete, !complete);
+    }
+}
+
 #[test]
 fn anthropic_stream_cache_tokens_are_exact() {
     let req = request("/v1/messages", "api.anthropic.com", r#"{"model":"claude-sonnet-4-5","stream":true,"max_tokens":100,"messages":[]}"#, "x-stainless-retry-count: 2\r\n");

@@ -14,7 +14,8 @@ use aya::{
 use gauge_common::{
     enforce::{ConnectionKey, Enforcement},
     maps::{
-        CANARY_HITS, ENFORCE, EVENTS, FLOOR_HITS, GLOBAL_MAX_CALL_BYTES, GLOBAL_WRITE_AT_ENTRY, LLM_CONNECTIONS, PLAIN_FDS, PLAIN_PORTS, STATS, programs as prog,
+        CANARY_HITS, ENFORCE, EVENTS, FLOOR_HITS, GLOBAL_MAX_CALL_BYTES, GLOBAL_WRITE_AT_ENTRY, LISTENS, LLM_CONNECTIONS, PLAIN_FDS, PLAIN_PORTS, STATS,
+        programs as prog,
     },
     tls::{self, PlainSocket, stat},
 };
@@ -210,6 +211,25 @@ impl KernelCapture {
             }
         }
         Ok(attached)
+    }
+
+    /// Starts counting the host's successful `listen(2)` calls (read with
+    /// [`Self::listens`]): `capture.plain_http = "auto"` looks for a local model
+    /// server only when the count moved.
+    pub fn watch_listens(&mut self) -> Result<(), KernelError> {
+        tracefs::ensure_mounted().map_err(KernelError::Tracefs)?;
+        let name = prog::PLAIN_LISTEN_EXIT;
+        let program: &mut TracePoint = program(&mut self.ebpf, name)?;
+        program.load().map_err(|source| KernelError::Program { name, source })?;
+        program.attach("syscalls", "sys_exit_listen").map_err(|source| KernelError::Program { name, source })?;
+        Ok(())
+    }
+
+    /// Successful `listen(2)` calls since [`Self::watch_listens`].
+    pub fn listens(&self) -> Result<u64, KernelError> {
+        let map = self.ebpf.map(LISTENS).ok_or(KernelError::Missing(LISTENS))?;
+        let array = Array::<_, u64>::try_from(map).map_err(|source| KernelError::Map { name: LISTENS, source })?;
+        array.get(&0, 0).map_err(|source| KernelError::Map { name: LISTENS, source })
     }
 
     /// Marks sockets found already connected to a listed port (see `source::plain`),

@@ -143,6 +143,16 @@ pub fn start(options: CaptureOptions, state: Arc<CaptureState>) -> Result<Captur
     let load = LoadOptions { return_probes: decision.on, ..options.load };
     let _ = state.return_probes.set(decision);
     let mut kernel = KernelCapture::load(load)?;
+    let auto_plain = options.plain_http == PlainHttp::Auto && !options.plain_http_ports.is_empty();
+    // Counting listen(2) calls starts before the first look, so a server that
+    // starts listening in between is not missed.
+    let mut listens_seen = None;
+    if auto_plain {
+        match kernel.watch_listens().and_then(|()| kernel.listens()) {
+            Ok(count) => listens_seen = Some(count),
+            Err(error) => tracing::info!(%error, "listen(2) calls cannot be counted: the sockets tables are read every few seconds instead"),
+        }
+    }
     let plain_now = match options.plain_http {
         PlainHttp::Off => false,
         PlainHttp::On => true,
@@ -151,9 +161,9 @@ pub fn start(options: CaptureOptions, state: Arc<CaptureState>) -> Result<Captur
     let mut plain_pending = false;
     if plain_now {
         follow_plain_http(&mut kernel, &options.plain_http_ports, &state.counters)?;
-    } else if options.plain_http == PlainHttp::Auto && !options.plain_http_ports.is_empty() {
+    } else if auto_plain {
         plain_pending = true;
-        tracing::info!(ports = ?options.plain_http_ports, every = ?PLAIN_LISTENER_CHECK, "plain-HTTP capture waits for a local model server: nothing listens on these ports (looked for again every few seconds; capture.plain_http = \"on\" follows them regardless, e.g. for a server on another host)");
+        tracing::info!(ports = ?options.plain_http_ports, every = ?PLAIN_LISTENER_CHECK, "plain-HTTP capture waits for a local model server: nothing listens on these ports (looked for again within seconds of a listen(2) on the host; capture.plain_http = \"on\" follows them regardless, e.g. for a server on another host)");
     }
     let ring = kernel.take_ring()?;
     let stats = kernel.take_stats()?;
@@ -187,6 +197,7 @@ pub fn start(options: CaptureOptions, state: Arc<CaptureState>) -> Result<Captur
                 extra_targets: options.extra_targets.clone(),
                 plain_ports: options.plain_http_ports.clone(),
                 plain_pending,
+                listens_seen,
             };
             move || discovery_loop(kernel, planner, open, proc_root, exec_rx, &state, &mut rescan)
         })
@@ -321,8 +332,27 @@ struct Rescan {
     extra_targets: Vec<PathBuf>,
     plain_ports: Vec<u16>,
     /// `capture.plain_http = "auto"` with no listener seen yet: looked for every
-    /// [`PLAIN_LISTENER_CHECK`].
+    /// [`PLAIN_LISTENER_CHECK`] if a `listen(2)` happened since the last look.
     plain_pending: bool,
+    /// The host's `listen(2)` count at the last look; None when it cannot be
+    /// counted, and every check looks.
+    listens_seen: Option<u64>,
+}
+
+impl Rescan {
+    /// Whether a listener may have appeared since the last look: reading the
+    /// sockets tables walks the kernel's whole connection hash, per network
+    /// namespace, so it is done only when a `listen(2)` was counted.
+    fn listener_may_have_appeared(&mut self, kernel: &KernelCapture) -> bool {
+        let Some(seen) = self.listens_seen else { return true };
+        match kernel.listens() {
+            Ok(count) => {
+                self.listens_seen = Some(count);
+                count != seen
+            }
+            Err(_) => true,
+        }
+    }
 }
 
 /// How often a local model server is looked for while `plain_http = "auto"` waits
@@ -387,7 +417,8 @@ fn discovery_loop(
                 }
                 if rescan.plain_pending && now >= plain_at {
                     plain_at = now + PLAIN_LISTENER_CHECK;
-                    if super::plain::listening(&proc_root, &discovery::all_pids(&proc_root), &rescan.plain_ports) {
+                    if rescan.listener_may_have_appeared(&kernel)
+                        && super::plain::listening(&proc_root, &discovery::all_pids(&proc_root), &rescan.plain_ports) {
                         rescan.plain_pending = false;
                         if let Err(error) = follow_plain_http(&mut kernel, &rescan.plain_ports, &state.counters) {
                             tracing::warn!(%error, "plain-HTTP capture could not start");

@@ -19,7 +19,7 @@ use gauge_common::tls::{PlainSocket, kind};
 
 use crate::{
     emit,
-    maps::{PLAIN_CONNECTING, PLAIN_FDS, PLAIN_IO, PLAIN_PORTS, PlainCall},
+    maps::{LISTENS, PLAIN_CONNECTING, PLAIN_FDS, PLAIN_IO, PLAIN_PORTS, PlainCall},
 };
 
 /// Syscall tracepoint fields: the arguments from offset 16, 8 bytes each; at exit
@@ -155,6 +155,21 @@ pub fn plain_close_enter(ctx: TracePointContext) -> u32 {
     if let Some(connection) = (unsafe { PLAIN_FDS.get(&key) }).copied() {
         let _ = PLAIN_FDS.remove(&key);
         emit::marker(kind::CLOSE, connection);
+    }
+    0
+}
+
+/// A successful `listen(2)`: counted, so that user space, waiting for a local model
+/// server (`capture.plain_http = "auto"`), reads the sockets tables only after a
+/// new listener may have appeared, not every few seconds on a hunch (on a host
+/// with many network namespaces that read costs milliseconds per namespace).
+#[tracepoint]
+pub fn plain_listen_exit(ctx: TracePointContext) -> u32 {
+    if arg(&ctx, RET) == 0
+        && let Some(count) = LISTENS.get_ptr_mut(0)
+    {
+        // SAFETY: a live map value; CPUs racing lose an increment, never the change.
+        unsafe { *count = (*count).wrapping_add(1) };
     }
     0
 }
