@@ -312,6 +312,9 @@ impl CallTracker {
             for event in events.drain(..) {
                 self.stream_event(&event, at_ns);
             }
+            // A read of many small events must not leave the call holding room for
+            // them all (not counted in `buffered`).
+            events.shrink_to(64);
             self.sse_events = events;
             return;
         }

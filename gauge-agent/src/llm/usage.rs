@@ -146,6 +146,11 @@ pub fn only_text(data: &[u8], known_model: Option<&str>) -> bool {
     // against one memmem search per key, a SIMD search for both bytes restarted at
     // every hit, and aho-corasick's multi-pattern search, it was the fastest on
     // chunks of a hundred-odd bytes with dozens of quotes.
+    // An envelope written as an array (serde reads a struct from its fields in
+    // order) has no keys to look for: only objects are judged.
+    if data.trim_ascii_start().first() != Some(&b'{') {
+        return false;
+    }
     (0..data.len()).filter(|&at| matches!(data[at], b'"' | b'\\')).all(|at| {
         let (opened, rest) = (&data[at..], &data[at + 1..]);
         if data[at] == b'\\' {
@@ -327,6 +332,9 @@ mod tests {
             r#"{"type":"error","error":{"type":"overloaded_error"}}"#,
             r#"{"choices":[{"delta":{"content":"the \"usage\" field"}}]}"#,
             r#"{"\u0075sage":{"prompt_tokens":1}}"#,
+            // serde reads a struct from an array too, its fields in order.
+            r#"[null,null,{"prompt_tokens":3,"completion_tokens":2},null,null,null,null,null,null,null,null,null]"#,
+            r#" ["gpt-4o",null,null,null,null,null,null,null,null,null,null,null]"#,
         ];
         for json in parsed {
             assert!(!only_text(json.as_bytes(), known), "{json}");

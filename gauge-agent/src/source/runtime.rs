@@ -198,6 +198,7 @@ pub fn start(options: CaptureOptions, state: Arc<CaptureState>) -> Result<Captur
                 plain_ports: options.plain_http_ports.clone(),
                 plain_pending,
                 listens_seen,
+                last_full_look: Instant::now(),
             };
             move || discovery_loop(kernel, planner, open, proc_root, exec_rx, &state, &mut rescan)
         })
@@ -337,13 +338,24 @@ struct Rescan {
     /// The host's `listen(2)` count at the last look; None when it cannot be
     /// counted, and every check looks.
     listens_seen: Option<u64>,
+    /// When the tables were last read whatever the count said.
+    last_full_look: Instant,
 }
 
 impl Rescan {
     /// Whether a listener may have appeared since the last look: reading the
     /// sockets tables walks the kernel's whole connection hash, per network
     /// namespace, so it is done only when a `listen(2)` was counted.
-    fn listener_may_have_appeared(&mut self, kernel: &KernelCapture) -> bool {
+    /// Every [`PLAIN_FULL_LOOK`] they are read anyway: a listener made where the
+    /// tracepoint does not see it (io_uring's listen, a 32-bit task) is found then.
+    fn listener_may_have_appeared(&mut self, kernel: &KernelCapture, now: Instant) -> bool {
+        if now.saturating_duration_since(self.last_full_look) >= PLAIN_FULL_LOOK {
+            self.last_full_look = now;
+            if let Ok(count) = kernel.listens() {
+                self.listens_seen = self.listens_seen.map(|_| count);
+            }
+            return true;
+        }
         let Some(seen) = self.listens_seen else { return true };
         match kernel.listens() {
             Ok(count) => {
@@ -358,6 +370,8 @@ impl Rescan {
 /// How often a local model server is looked for while `plain_http = "auto"` waits
 /// for one: a server started after the daemon is followed within this.
 const PLAIN_LISTENER_CHECK: Duration = Duration::from_secs(5);
+/// How often the sockets tables are read even when no `listen(2)` was counted.
+const PLAIN_FULL_LOOK: Duration = Duration::from_secs(300);
 
 /// Attaches the plain-HTTP tracepoints and marks connections already open. Plain
 /// HTTP is an addition: where its tracepoints cannot be had (no tracefs, or no
@@ -406,31 +420,34 @@ fn discovery_loop(
                 rescans.extend(RESCAN_AFTER.iter().map(|d| Reverse((now + *d, pid))));
                 candidates = discovery::process_candidates(&proc_root, pid);
             }
-            Err(std_mpsc::RecvTimeoutError::Timeout) => {
-                let now = Instant::now();
-                if now >= sweep_at {
-                    sweep_at = now + rescan.every;
-                    candidates = discovery::startup_candidates(&rescan.extra_targets);
-                    for pid in discovery::all_pids(&proc_root) {
-                        candidates.extend(discovery::process_candidates(&proc_root, pid));
-                    }
-                }
-                if rescan.plain_pending && now >= plain_at {
-                    plain_at = now + PLAIN_LISTENER_CHECK;
-                    if rescan.listener_may_have_appeared(&kernel)
-                        && super::plain::listening(&proc_root, &discovery::all_pids(&proc_root), &rescan.plain_ports) {
-                        rescan.plain_pending = false;
-                        if let Err(error) = follow_plain_http(&mut kernel, &rescan.plain_ports, &state.counters) {
-                            tracing::warn!(%error, "plain-HTTP capture could not start");
-                        }
-                    }
-                }
-                while rescans.peek().is_some_and(|Reverse((at, _))| *at <= now) {
-                    let Some(Reverse((_, pid))) = rescans.pop() else { break };
-                    candidates.extend(discovery::process_candidates(&proc_root, pid));
+            Err(std_mpsc::RecvTimeoutError::Timeout) => {}
+            Err(std_mpsc::RecvTimeoutError::Disconnected) => return,
+        }
+        // What is due runs after an exec as well as after a timeout: on a host that
+        // starts processes more often than every few seconds, the timeout never
+        // comes.
+        let now = Instant::now();
+        if now >= sweep_at {
+            sweep_at = now + rescan.every;
+            candidates.extend(discovery::startup_candidates(&rescan.extra_targets));
+            for pid in discovery::all_pids(&proc_root) {
+                candidates.extend(discovery::process_candidates(&proc_root, pid));
+            }
+        }
+        if rescan.plain_pending && now >= plain_at {
+            plain_at = now + PLAIN_LISTENER_CHECK;
+            if rescan.listener_may_have_appeared(&kernel, now)
+                && super::plain::listening(&proc_root, &discovery::all_pids(&proc_root), &rescan.plain_ports)
+            {
+                rescan.plain_pending = false;
+                if let Err(error) = follow_plain_http(&mut kernel, &rescan.plain_ports, &state.counters) {
+                    tracing::warn!(%error, "plain-HTTP capture could not start");
                 }
             }
-            Err(std_mpsc::RecvTimeoutError::Disconnected) => return,
+        }
+        while rescans.peek().is_some_and(|Reverse((at, _))| *at <= now) {
+            let Some(Reverse((_, pid))) = rescans.pop() else { break };
+            candidates.extend(discovery::process_candidates(&proc_root, pid));
         }
         for candidate in candidates {
             offer(&mut planner, &mut kernel, &mut open, &state.counters, candidate);
