@@ -20,7 +20,7 @@ use prometheus_client::{
 };
 
 use super::{
-    Command, SIGCONT,
+    Command, SIGCONT, SIGSTOP,
     cgroup::{CgroupFs, Frozen, Throttled},
 };
 use crate::source::kernel::EnforcementMaps;
@@ -126,7 +126,7 @@ impl Executor {
     fn undo_left(&mut self, undo: Undo) {
         for (pid, start) in undo.stopped {
             // Only the very process: a reused pid is someone else's.
-            if self.start_time(pid) == Some(start) && self.stopped(pid) {
+            if self.start_time(pid) == Some(start) && self.stopped_or_stopping(pid) {
                 tracing::warn!(pid, "continuing a process a previous agent left stopped");
                 self.signal(pid, SIGCONT);
             }
@@ -409,6 +409,18 @@ impl Executor {
         }
     }
 
+    /// Stopped, or about to be: the kernel's SIGSTOP at a request may still be
+    /// pending, as in a frozen cgroup, whose tasks take it only once thawed, just
+    /// after a check of the state alone. A SIGCONT discards a pending stop, so
+    /// either way the process is due one.
+    fn stopped_or_stopping(&self, pid: u32) -> bool {
+        if self.stopped(pid) {
+            return true;
+        }
+        let Ok(status) = std::fs::read_to_string(self.proc_root.join(pid.to_string()).join("status")) else { return false };
+        stop_pending(&status)
+    }
+
     fn stopped(&self, pid: u32) -> bool {
         let Ok(stat) = std::fs::read_to_string(self.proc_root.join(pid.to_string()).join("stat")) else { return false };
         stat.rfind(')').and_then(|i| stat.get(i + 2..i + 3)).is_some_and(|state| state == "T")
@@ -432,13 +444,34 @@ impl Executor {
         for tgid in enforced {
             self.unenforce(tgid);
             // A process held at this instant would otherwise stay stopped.
-            if self.stopped(tgid) {
+            if self.stopped_or_stopping(tgid) {
                 self.signal(tgid, SIGCONT);
             }
         }
         self.stuck.clear();
         self.persist();
     }
+}
+
+/// Whether a `/proc/PID/status` shows a SIGSTOP pending, for the thread or the
+/// process (`SigPnd`, `ShdPnd`: hexadecimal masks, bit N-1 for signal N).
+fn stop_pending(status: &str) -> bool {
+    let stop = 1u64 << (SIGSTOP - 1);
+    status
+        .lines()
+        .filter_map(|line| line.strip_prefix("SigPnd:").or_else(|| line.strip_prefix("ShdPnd:")))
+        .filter_map(|mask| u64::from_str_radix(mask.trim(), 16).ok())
+        .any(|mask| mask & stop != 0)
+}
+
+#[cfg(test)]
+#[test]
+fn a_pending_stop_is_read_from_either_mask() {
+    let status = |sig, shd| format!("Name:\tpython3\nState:\tD (disk sleep)\nSigPnd:\t{sig}\nShdPnd:\t{shd}\nSigBlk:\t0000000000000000\n");
+    assert!(stop_pending(&status("0000000000000000", "0000000000040000")));
+    assert!(stop_pending(&status("0000000000040100", "0000000000000000")));
+    assert!(!stop_pending(&status("0000000000020000", "0000000000000000")), "SIGCONT pending is not a stop");
+    assert!(!stop_pending("garbage"));
 }
 
 /// A process handle (`pidfd_open(2)`): signals sent through it reach that process or
