@@ -290,7 +290,7 @@ impl ReassemblyMetrics {
         let open = Gauge::default();
         registry.register(
             "gauge_http_dropped",
-            "Connections or calls reassembly could not fully use: not_http1 (not HTTP), server_side (the process serves HTTPS), evicted_capacity (http.max_connections), evicted_idle, evicted_memory (http.max_buffered_bytes), gap (bytes lost), streams_over_limit.",
+            "Connections or calls reassembly could not fully use: not_http1 (not HTTP), server_side (the process serves HTTPS), evicted_capacity (http.max_connections), evicted_idle, evicted_memory (http.max_buffered_bytes), gap (bytes lost), streams_over_limit, broken_response (an HTTP/1 response not parsed after its request was: its call ends incomplete, the connection is read on from its next response)",
             dropped.clone(),
         );
         registry.register("gauge_http_open_connections", "Connections with reassembly state.", open.clone());
@@ -319,6 +319,7 @@ impl ReassemblyMetrics {
             ("evicted_memory", drops.evicted_memory, last.evicted_memory),
             ("gap", drops.gaps, last.gaps),
             ("streams_over_limit", drops.streams_over_limit, last.streams_over_limit),
+            ("broken_response", drops.broken_responses, last.broken_responses),
         ] {
             if now > before {
                 self.dropped.get_or_create(&ReasonLabels { reason }).inc_by(now - before);

@@ -96,6 +96,39 @@ fn a_request_body_whose_head_came_before_the_attach_is_not_metered() {
 }
 
 #[test]
+fn a_response_seen_from_its_body_ends_its_call_and_the_next_response_is_read() {
+    // The probes went live between a request and its response's first read: the
+    // response is seen from its body on (bytes no head parse makes sense of).
+    let (head, body) = h1_request();
+    let (_, response_body) = h1_response();
+    let mut live = Live::new();
+    live.write(1, &head).write(1, &body).read(1, &response_body);
+    live.h1_call(1).h1_call(1);
+    let seen: Vec<(Exchange, bool)> = live.out.iter().map(|m| (m.call.exchange, m.call.incomplete)).collect();
+    assert_eq!(
+        seen,
+        [(Exchange::Http1 { request: 1 }, true), (Exchange::Http1 { request: 2 }, false), (Exchange::Http1 { request: 3 }, false)],
+        "{:#?}",
+        live.out
+    );
+    assert_eq!(live.out[1].call.usage, Some(Usage { input: 25, output: 9, ..Usage::default() }));
+    assert_eq!((live.reassembler.drops().broken_responses, live.reassembler.drops().not_http1), (1, 0));
+
+    // A broken response in a read that does not begin the next one: reads are
+    // skipped until one does, and what follows pairs up again.
+    let mut live = Live::new();
+    live.h1_call(2).write(2, &head).write(2, &body).read(2, b"garbage\r\n\r\n").read(2, &response_body[..10]);
+    live.read(2, &response_body[10..]).h1_call(2);
+    let seen: Vec<(Exchange, bool)> = live.out.iter().map(|m| (m.call.exchange, m.call.incomplete)).collect();
+    assert_eq!(
+        seen,
+        [(Exchange::Http1 { request: 1 }, false), (Exchange::Http1 { request: 2 }, true), (Exchange::Http1 { request: 3 }, false)],
+        "{:#?}",
+        live.out
+    );
+}
+
+#[test]
 fn bytes_that_never_become_http_are_still_given_up_on() {
     let mut live = Live::new();
     for _ in 0..20 {

@@ -22,6 +22,11 @@ const METHODS: [&[u8]; 8] = [b"GET", b"POST", b"PUT", b"DELETE", b"PATCH", b"HEA
 /// write or read call before it is given up on (see `Connection::resyncs`).
 const MAX_RESYNCS: u8 = 4;
 
+/// A read call (`offset` 0) whose bytes begin an HTTP/1 response.
+fn begins_response(offset: u32, bytes: &[u8]) -> bool {
+    offset == 0 && bytes.starts_with(b"HTTP/1.")
+}
+
 /// Bytes that begin with an HTTP/1 method (or the HTTP/2 preface's `PRI`).
 fn begins_request(bytes: &[u8]) -> bool {
     bytes.split(|&b| b == b' ').next().is_some_and(|m| METHODS.contains(&m))
@@ -83,6 +88,9 @@ pub struct Drops {
     pub evicted_memory: u64,
     /// Calls whose bytes were partly lost (cut by the per-call cap or a fault).
     pub gaps: u64,
+    /// HTTP/1 responses that could not be parsed on a connection whose requests
+    /// were (their start missed, bytes lost): each one's call ends incomplete.
+    pub broken_responses: u64,
 }
 
 /// The process a connection belongs to.
@@ -136,6 +144,8 @@ struct Connection {
     requests_seen: u32,
     /// Times its HTTP/1 decoding started afresh, before any request was seen.
     resyncs: u8,
+    /// A response broke: reads are skipped until one begins the next response.
+    await_response: bool,
 }
 
 impl Pending {
@@ -171,6 +181,7 @@ impl Connection {
             accounted: 0,
             requests_seen: 0,
             resyncs: 0,
+            await_response: false,
         }
     }
 
@@ -253,6 +264,33 @@ impl Connection {
                 h1::Event::Request(_) => {}
             }
         }
+    }
+
+    /// The response decoder failed on a connection whose requests were seen: the
+    /// response's start was missed or its bytes were lost. The call it answers
+    /// ends incomplete and decoding resumes at the next read that begins a
+    /// response (this one, if it does), rather than the connection going blind
+    /// for the rest of its life: SDKs keep one connection for hours.
+    fn response_broke(&mut self, offset: u32, bytes: &[u8], at: u64, events: &mut Vec<h1::Event>, out: &mut Vec<Metered>) {
+        self.end_broken_response(at, out);
+        self.await_response = !begins_response(offset, bytes);
+        if self.await_response {
+            return;
+        }
+        events.clear();
+        if self.responses.feed(bytes, events).is_ok() {
+            self.response_events(events, bytes, at, out);
+        } else {
+            self.end_broken_response(at, out);
+            self.await_response = true;
+        }
+    }
+
+    fn end_broken_response(&mut self, at: u64, out: &mut Vec<Metered>) {
+        if let Some(Pending::Llm(call)) = self.waiting.pop_front() {
+            out.push(Metered { origin: self.origin.clone(), call: call.finish(at, false) });
+        }
+        self.responses = h1::Decoder::new(Side::Response);
     }
 
     /// Ends every open call (connection closed or evicted).
@@ -386,6 +424,12 @@ impl Reassembler {
             }
             return;
         }
+        if matches!(side, Side::Response) && conn.await_response {
+            if !begins_response(*offset, bytes) {
+                return;
+            }
+            conn.await_response = false;
+        }
         // Until the first request, a write call that begins like one starts afresh:
         // the rest of a message from before the attach may sit in the decoder.
         if conn.requests_seen == 0 && *offset == 0 && matches!(side, Side::Request) && begins_request(bytes) {
@@ -395,16 +439,23 @@ impl Reassembler {
         events.clear();
         let fed = decoder.feed(bytes, &mut events);
         if fed.is_err() {
-            self.h1_events = events;
             let serving = match side {
                 Side::Request => bytes.starts_with(b"HTTP/"),
                 Side::Response => bytes.split(|&b| b == b' ').next().is_some_and(|m| METHODS.contains(&m)),
             };
             if serving {
+                self.h1_events = events;
                 conn.ignored = true;
                 self.drops.server_side += 1;
                 return;
             }
+            if matches!(side, Side::Response) && conn.requests_seen > 0 {
+                self.drops.broken_responses += 1;
+                conn.response_broke(*offset, bytes, now, &mut events, out);
+                self.h1_events = events;
+                return;
+            }
+            self.h1_events = events;
             if conn.resyncs == 0 {
                 self.drops.not_http1 += 1;
             }

@@ -25,34 +25,53 @@ use super::{elf::TlsSymbols, golang, openssl, tracefs};
 /// The eBPF object built by `build.rs`; empty when built with `GAUGE_EBPF_STUB=1`.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/gauge-ebpf"));
 
-/// (symbol, entry program, return program, whether the entry program is of use
-/// without the return one) for every hooked function. A read's entry only saves
-/// the buffer for its return; a write's entry emits the bytes itself when return
-/// probes are off.
-const HOOKS: [(&str, &str, Option<&str>, bool); 13] = [
-    ("SSL_write", prog::SSL_WRITE_ENTRY, Some(prog::SSL_WRITE_RETURN), true),
-    ("SSL_write_ex", prog::SSL_WRITE_EX_ENTRY, Some(prog::SSL_WRITE_EX_RETURN), true),
-    ("SSL_read", prog::SSL_READ_ENTRY, Some(prog::SSL_READ_RETURN), false),
-    ("SSL_read_ex", prog::SSL_READ_EX_ENTRY, Some(prog::SSL_READ_EX_RETURN), false),
+/// What a hooked function does, which decides when its probes are attached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Role {
+    /// Ends a connection.
+    Close,
+    /// Reads plaintext: its entry only saves the buffer for its return.
+    Read,
+    /// Writes plaintext: its entry emits the bytes itself when return probes are off.
+    Write,
+}
+
+/// (symbol, entry program, return program, role) for every hooked function.
+const HOOKS: [(&str, &str, Option<&str>, Role); 13] = [
+    ("SSL_write", prog::SSL_WRITE_ENTRY, Some(prog::SSL_WRITE_RETURN), Role::Write),
+    ("SSL_write_ex", prog::SSL_WRITE_EX_ENTRY, Some(prog::SSL_WRITE_EX_RETURN), Role::Write),
+    ("SSL_read", prog::SSL_READ_ENTRY, Some(prog::SSL_READ_RETURN), Role::Read),
+    ("SSL_read_ex", prog::SSL_READ_EX_ENTRY, Some(prog::SSL_READ_EX_RETURN), Role::Read),
     // OpenSSL 3.0's internal functions take the `_ex` arguments (see `openssl.rs`).
-    (openssl::WRITE_INTERNAL, prog::SSL_WRITE_EX_ENTRY, Some(prog::SSL_WRITE_EX_RETURN), true),
-    (openssl::READ_INTERNAL, prog::SSL_READ_EX_ENTRY, Some(prog::SSL_READ_EX_RETURN), false),
-    ("SSL_shutdown", prog::SSL_SHUTDOWN_ENTRY, None, true),
-    ("SSL_free", prog::SSL_FREE_ENTRY, None, true),
-    ("gnutls_record_send2", prog::GNUTLS_SEND_ENTRY, Some(prog::GNUTLS_SEND_RETURN), true),
-    ("gnutls_record_send", prog::GNUTLS_SEND_ENTRY, Some(prog::GNUTLS_SEND_RETURN), true),
-    ("gnutls_record_recv", prog::GNUTLS_RECV_ENTRY, Some(prog::GNUTLS_RECV_RETURN), false),
-    ("gnutls_bye", prog::GNUTLS_CLOSE_ENTRY, None, true),
-    ("gnutls_deinit", prog::GNUTLS_CLOSE_ENTRY, None, true),
+    (openssl::WRITE_INTERNAL, prog::SSL_WRITE_EX_ENTRY, Some(prog::SSL_WRITE_EX_RETURN), Role::Write),
+    (openssl::READ_INTERNAL, prog::SSL_READ_EX_ENTRY, Some(prog::SSL_READ_EX_RETURN), Role::Read),
+    ("SSL_shutdown", prog::SSL_SHUTDOWN_ENTRY, None, Role::Close),
+    ("SSL_free", prog::SSL_FREE_ENTRY, None, Role::Close),
+    ("gnutls_record_send2", prog::GNUTLS_SEND_ENTRY, Some(prog::GNUTLS_SEND_RETURN), Role::Write),
+    ("gnutls_record_send", prog::GNUTLS_SEND_ENTRY, Some(prog::GNUTLS_SEND_RETURN), Role::Write),
+    ("gnutls_record_recv", prog::GNUTLS_RECV_ENTRY, Some(prog::GNUTLS_RECV_RETURN), Role::Read),
+    ("gnutls_bye", prog::GNUTLS_CLOSE_ENTRY, None, Role::Close),
+    ("gnutls_deinit", prog::GNUTLS_CLOSE_ENTRY, None, Role::Close),
 ];
 
-/// Go's crypto/tls: (symbol, entry program, program for each of its RETs). Plain
-/// uprobes all, so they are attached whether return probes are on or off.
-const GO_HOOKS: [(&str, &str, Option<&str>); 3] = [
-    (golang::WRITE, prog::GO_TLS_WRITE_ENTRY, Some(prog::GO_TLS_WRITE_RETURN)),
-    (golang::READ, prog::GO_TLS_READ_ENTRY, Some(prog::GO_TLS_READ_RETURN)),
-    (golang::CLOSE, prog::GO_TLS_CLOSE_ENTRY, None),
+/// Go's crypto/tls: (symbol, entry program, program for each of its RETs, role).
+/// Plain uprobes all, so they are attached whether return probes are on or off.
+const GO_HOOKS: [(&str, &str, Option<&str>, Role); 3] = [
+    (golang::WRITE, prog::GO_TLS_WRITE_ENTRY, Some(prog::GO_TLS_WRITE_RETURN), Role::Write),
+    (golang::READ, prog::GO_TLS_READ_ENTRY, Some(prog::GO_TLS_READ_RETURN), Role::Read),
+    (golang::CLOSE, prog::GO_TLS_CLOSE_ENTRY, None, Role::Close),
 ];
+
+/// Where a probe comes in the order a file's probes are attached: closes, then
+/// reads, then writes, and a function's return before its entry. A file's probes
+/// go live one at a time while its processes run, so a process is seen from the
+/// middle; in this order, whatever it is seen doing is followed by the rest: a
+/// request seen is one whose response reads are all seen too (were writes first,
+/// a response could be missed, or seen only from its body, while its request was
+/// seen), and an entry seen is one whose return is seen.
+fn attach_rank(role: Role, is_entry: bool) -> (Role, bool) {
+    (role, is_entry)
+}
 
 /// Plain HTTP: each program and the syscall tracepoints it is attached to.
 const PLAIN_TRACEPOINTS: [(&str, &[&str]); 7] = [
@@ -67,18 +86,40 @@ const PLAIN_TRACEPOINTS: [(&str, &[&str]); 7] = [
 
 /// The programs of one hook that are loaded and attached.
 fn hook_programs(
-    (_, entry, ret, alone): (&'static str, &'static str, Option<&'static str>, bool),
+    (_, entry, ret, role): (&'static str, &'static str, Option<&'static str>, Role),
     return_probes: bool,
 ) -> impl Iterator<Item = &'static str> {
-    let entry = (return_probes || alone).then_some(entry);
+    let entry = (return_probes || role != Role::Read).then_some(entry);
     entry.into_iter().chain(ret.filter(|_| return_probes))
+}
+
+/// (symbol, program, file offset) of one probe.
+type ProbePoint = (&'static str, &'static str, u64);
+
+/// Every probe a file with `symbols` gets, in the order they are attached (see
+/// [`attach_rank`]).
+fn probe_points(symbols: &TlsSymbols, return_probes: bool) -> Vec<ProbePoint> {
+    let mut points: Vec<((Role, bool), ProbePoint)> = Vec::new();
+    for hook @ (symbol, entry, _, role) in HOOKS {
+        if let Some(&offset) = symbols.offsets.get(symbol) {
+            points.extend(hook_programs(hook, return_probes).map(|name| (attach_rank(role, name == entry), (symbol, name, offset))));
+        }
+    }
+    for (symbol, entry, ret, role) in GO_HOOKS {
+        let Some(&offset) = symbols.offsets.get(symbol) else { continue };
+        points.push((attach_rank(role, true), (symbol, entry, offset)));
+        let returns = symbols.returns.get(symbol).map(Vec::as_slice).unwrap_or_default();
+        points.extend(ret.into_iter().flat_map(|ret| returns.iter().map(move |r| (attach_rank(role, false), (symbol, ret, *r)))));
+    }
+    points.sort_by_key(|(rank, _)| *rank);
+    points.into_iter().map(|(_, point)| point).collect()
 }
 
 /// Every program some hook uses, once (GnuTLS's send and close programs serve two
 /// symbols each).
 fn programs_to_load(return_probes: bool) -> Vec<&'static str> {
     let mut names: Vec<&'static str> = Vec::new();
-    let go = GO_HOOKS.into_iter().flat_map(|(_, entry, ret)| std::iter::once(entry).chain(ret));
+    let go = GO_HOOKS.into_iter().flat_map(|(_, entry, ret, _)| std::iter::once(entry).chain(ret));
     for name in HOOKS.into_iter().flat_map(|hook| hook_programs(hook, return_probes)).chain(go) {
         if !names.contains(&name) {
             names.push(name);
@@ -160,21 +201,8 @@ impl KernelCapture {
     /// first error, if any (a file is still useful when, say, `SSL_free` could not
     /// be hooked).
     pub fn attach(&mut self, path: &Path, symbols: &TlsSymbols) -> (usize, usize, Option<String>) {
-        // (symbol, program, file offset) of every probe this file gets.
-        let mut points: Vec<(&str, &'static str, u64)> = Vec::new();
-        for hook in HOOKS {
-            if let Some(&offset) = symbols.offsets.get(hook.0) {
-                points.extend(hook_programs(hook, self.return_probes).map(|name| (hook.0, name, offset)));
-            }
-        }
-        for (symbol, entry, ret) in GO_HOOKS {
-            let Some(&offset) = symbols.offsets.get(symbol) else { continue };
-            points.push((symbol, entry, offset));
-            let returns = symbols.returns.get(symbol).map(Vec::as_slice).unwrap_or_default();
-            points.extend(ret.into_iter().flat_map(|ret| returns.iter().map(move |r| (symbol, ret, *r))));
-        }
         let (mut attached, mut refused, mut first_error) = (0, 0, None);
-        for (symbol, name, offset) in points {
+        for (symbol, name, offset) in probe_points(symbols, self.return_probes) {
             let result = uprobe(&mut self.ebpf, name)
                 .and_then(|p| p.attach(offset, path, UProbeScope::AllProcesses).map_err(|source| KernelError::Program { name, source }));
             match result {
@@ -485,5 +513,28 @@ mod tests {
             ],
             "no uretprobe, and no read entry whose saved buffer no return would use; Go's RET probes are plain uprobes"
         );
+    }
+
+    #[test]
+    fn a_files_probes_go_live_closes_then_reads_then_writes_returns_before_entries() {
+        let mut symbols = TlsSymbols::default();
+        for (symbol, offset) in [("SSL_write_ex", 0x10), ("SSL_read_ex", 0x20), ("SSL_free", 0x30)] {
+            symbols.offsets.insert(symbol, offset);
+        }
+        let names: Vec<&str> = probe_points(&symbols, true).into_iter().map(|(_, name, _)| name).collect();
+        assert_eq!(
+            names,
+            [prog::SSL_FREE_ENTRY, prog::SSL_READ_EX_RETURN, prog::SSL_READ_EX_ENTRY, prog::SSL_WRITE_EX_RETURN, prog::SSL_WRITE_EX_ENTRY]
+        );
+
+        let mut go = TlsSymbols::default();
+        for (symbol, offset) in [(golang::WRITE, 0x100), (golang::READ, 0x200), (golang::CLOSE, 0x300)] {
+            go.offsets.insert(symbol, offset);
+        }
+        go.returns.insert(golang::WRITE, vec![0x110, 0x120]);
+        go.returns.insert(golang::READ, vec![0x210, 0x220]);
+        let points = probe_points(&go, false);
+        let offsets: Vec<u64> = points.iter().map(|(_, _, offset)| *offset).collect();
+        assert_eq!(offsets, [0x300, 0x210, 0x220, 0x200, 0x110, 0x120, 0x100], "{points:?}");
     }
 }
