@@ -16,8 +16,8 @@ const BPF_RB_RING_SIZE: u64 = 1;
 const BPF_RB_NO_WAKEUP: u64 = 1;
 const BPF_RB_FORCE_WAKEUP: u64 = 2;
 /// After a record that wakes user space, others skip the wakeup for this long;
-/// user space, once woken, looks at the ring every 20 ms for a second (see
-/// `gauge-agent` `source::runtime`), so it finds them without one. Shorter than
+/// user space, once woken, looks at the ring as often for a second (see
+/// `gauge-agent` `source::runtime::ring_reader`), so it finds them without one. Shorter than
 /// that second, or a record could wait for the next wakeup.
 const WAKEUP_INTERVAL_NS: u64 = 50_000_000;
 /// The window over which a process's share of the ring is counted.

@@ -79,6 +79,11 @@ impl Decoder {
         self.state == State::Failed
     }
 
+    /// No message is in progress: the next bytes begin one.
+    pub fn between_messages(&self) -> bool {
+        self.state == State::Head && self.buf.is_empty()
+    }
+
     /// Bytes held while a head is incomplete (at most [`MAX_HEAD`]).
     pub fn buffered(&self) -> usize {
         self.buf.capacity()

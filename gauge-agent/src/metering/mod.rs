@@ -290,7 +290,7 @@ impl ReassemblyMetrics {
         let open = Gauge::default();
         registry.register(
             "gauge_http_dropped",
-            "Connections or calls reassembly could not fully use: not_http1 (not HTTP), server_side (the process serves HTTPS), evicted_capacity (http.max_connections), evicted_idle, evicted_memory (http.max_buffered_bytes), gap (bytes lost), streams_over_limit, broken_response (an HTTP/1 response not parsed after its request was: its call ends incomplete, the connection is read on from its next response)",
+            "Connections or calls reassembly could not fully use: not_http1 (not HTTP), server_side (the process serves HTTPS), evicted_capacity (http.max_connections), evicted_idle, evicted_memory (http.max_buffered_bytes), gap (bytes lost), streams_over_limit, broken_response (an HTTP/1 response not parsed after its request was: its call ends incomplete, the connection is read on from its next response), unanswered_response (an HTTP/1 response with no request seen for it within a second)",
             dropped.clone(),
         );
         registry.register("gauge_http_open_connections", "Connections with reassembly state.", open.clone());
@@ -320,6 +320,7 @@ impl ReassemblyMetrics {
             ("gap", drops.gaps, last.gaps),
             ("streams_over_limit", drops.streams_over_limit, last.streams_over_limit),
             ("broken_response", drops.broken_responses, last.broken_responses),
+            ("unanswered_response", drops.unanswered_responses, last.unanswered_responses),
         ] {
             if now > before {
                 self.dropped.get_or_create(&ReasonLabels { reason }).inc_by(now - before);

@@ -7,20 +7,20 @@
 //! hold together (the largest holders evicted first); everything dropped is counted
 //! in [`Drops`].
 
+mod connection;
 mod h2;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
+
+use connection::{Connection, Pending, Protocol};
 
 use crate::{
     http::h1::{self, Side},
-    llm::{CallTracker, Exchange, LlmCall, providers},
+    llm::LlmCall,
     source::{CaptureEvent, Direction, Payload},
 };
 
 const METHODS: [&[u8]; 8] = [b"GET", b"POST", b"PUT", b"DELETE", b"PATCH", b"HEAD", b"OPTIONS", b"PRI"];
-/// Times an HTTP/1 connection first seen mid-message may start afresh at the next
-/// write or read call before it is given up on (see `Connection::resyncs`).
-const MAX_RESYNCS: u8 = 4;
 
 /// A read call (`offset` 0) whose bytes begin an HTTP/1 response.
 fn begins_response(offset: u32, bytes: &[u8]) -> bool {
@@ -91,6 +91,9 @@ pub struct Drops {
     /// HTTP/1 responses that could not be parsed on a connection whose requests
     /// were (their start missed, bytes lost): each one's call ends incomplete.
     pub broken_responses: u64,
+    /// HTTP/1 responses no request was seen for, within a second (a lost record,
+    /// a server's unsolicited reply): not metered.
+    pub unanswered_responses: u64,
 }
 
 /// The process a connection belongs to.
@@ -110,205 +113,6 @@ pub struct Metered {
     pub call: LlmCall,
 }
 
-enum Pending {
-    Llm(Box<CallTracker>),
-    /// An HTTP/2 stream whose headers could not be decoded: its request body is kept
-    /// (bounded) to recognise the call by shape when it ends.
-    Unknown { body: Vec<u8>, start: u64 },
-    Other,
-}
-
-struct Connection {
-    origin: Origin,
-    requests: h1::Decoder,
-    responses: h1::Decoder,
-    /// The request being read.
-    current: Option<Pending>,
-    /// Requests sent, waiting for their responses, oldest first.
-    waiting: VecDeque<Pending>,
-    /// The response being read belongs to `waiting.front()`.
-    last_seen_ns: u64,
-    /// Bytes of the current write/read call not seen yet.
-    write_left: u64,
-    read_left: u64,
-    /// Bytes were lost on this connection: its calls are marked incomplete.
-    gap: bool,
-    /// Not HTTP from the client side: the rest of its bytes are skipped.
-    ignored: bool,
-    /// Which protocol, decided by the first bytes the process writes.
-    protocol: Protocol,
-    /// What this connection added to the reassembler's buffered total, as of its
-    /// last event.
-    accounted: usize,
-    /// HTTP/1 requests seen on it, for the calls' identities.
-    requests_seen: u32,
-    /// Times its HTTP/1 decoding started afresh, before any request was seen.
-    resyncs: u8,
-    /// A response broke: reads are skipped until one begins the next response.
-    await_response: bool,
-}
-
-impl Pending {
-    fn buffered(&self) -> usize {
-        match self {
-            Self::Llm(call) => call.buffered(),
-            Self::Unknown { body, .. } => body.capacity(),
-            Self::Other => 0,
-        }
-    }
-}
-
-enum Protocol {
-    Unknown,
-    Http1,
-    Http2(Box<h2::H2Connection>),
-}
-
-impl Connection {
-    fn new(origin: Origin, now: u64) -> Self {
-        Self {
-            origin,
-            requests: h1::Decoder::new(Side::Request),
-            responses: h1::Decoder::new(Side::Response),
-            current: None,
-            waiting: VecDeque::new(),
-            last_seen_ns: now,
-            write_left: 0,
-            read_left: 0,
-            gap: false,
-            ignored: false,
-            protocol: Protocol::Unknown,
-            accounted: 0,
-            requests_seen: 0,
-            resyncs: 0,
-            await_response: false,
-        }
-    }
-
-    /// Bytes this connection holds now.
-    fn buffered(&self) -> usize {
-        let calls: usize = self.current.iter().chain(&self.waiting).map(Pending::buffered).sum();
-        let protocol = match &self.protocol {
-            Protocol::Http2(h2) => h2.buffered(),
-            Protocol::Unknown | Protocol::Http1 => 0,
-        };
-        self.requests.buffered() + self.responses.buffered() + calls + protocol
-    }
-
-    /// `bytes`: what the decoder was fed, which its body events are ranges of.
-    fn request_events(&mut self, events: &mut Vec<h1::Event>, bytes: &[u8], at: u64) {
-        for event in events.drain(..) {
-            match event {
-                h1::Event::Request(head) => {
-                    self.responses.expect_head_response(head.method == "HEAD");
-                    self.requests_seen = self.requests_seen.saturating_add(1);
-                    let pending = match providers::recognize(&head) {
-                        Some(recognized) => {
-                            let mut call = CallTracker::new(recognized, &head, at);
-                            call.set_exchange(Exchange::Http1 { request: self.requests_seen });
-                            Pending::Llm(Box::new(call))
-                        }
-                        None => Pending::Other,
-                    };
-                    if let Some(previous) = self.current.replace(pending) {
-                        self.waiting.push_back(previous);
-                    }
-                }
-                h1::Event::Body(range) => {
-                    if let Some(Pending::Llm(call)) = &mut self.current {
-                        call.request_body(&bytes[range]);
-                    }
-                }
-                h1::Event::End => {
-                    if let Some(mut pending) = self.current.take() {
-                        if let Pending::Llm(call) = &mut pending {
-                            call.request_end();
-                        }
-                        self.waiting.push_back(pending);
-                    }
-                }
-                h1::Event::Response(_) => {}
-            }
-        }
-    }
-
-    fn response_events(&mut self, events: &mut Vec<h1::Event>, bytes: &[u8], at: u64, out: &mut Vec<Metered>) {
-        for event in events.drain(..) {
-            // A response may start before its request has been fully read (a server
-            // answering early): the request in progress is the one it answers.
-            if self.waiting.is_empty()
-                && let Some(mut pending) = self.current.take()
-            {
-                if let Pending::Llm(call) = &mut pending {
-                    call.request_end();
-                }
-                self.waiting.push_back(pending);
-            }
-            match event {
-                h1::Event::Response(head) => {
-                    if let Some(Pending::Llm(call)) = self.waiting.front_mut() {
-                        call.response_head(head);
-                    }
-                }
-                h1::Event::Body(range) => {
-                    if let Some(Pending::Llm(call)) = self.waiting.front_mut() {
-                        call.response_body(&bytes[range], at);
-                    }
-                }
-                h1::Event::End => {
-                    if let Some(Pending::Llm(call)) = self.waiting.pop_front() {
-                        let complete = !self.gap;
-                        out.push(Metered { origin: self.origin.clone(), call: call.finish(at, complete) });
-                    }
-                }
-                h1::Event::Request(_) => {}
-            }
-        }
-    }
-
-    /// The response decoder failed on a connection whose requests were seen: the
-    /// response's start was missed or its bytes were lost. The call it answers
-    /// ends incomplete and decoding resumes at the next read that begins a
-    /// response (this one, if it does), rather than the connection going blind
-    /// for the rest of its life: SDKs keep one connection for hours.
-    fn response_broke(&mut self, offset: u32, bytes: &[u8], at: u64, events: &mut Vec<h1::Event>, out: &mut Vec<Metered>) {
-        self.end_broken_response(at, out);
-        self.await_response = !begins_response(offset, bytes);
-        if self.await_response {
-            return;
-        }
-        events.clear();
-        if self.responses.feed(bytes, events).is_ok() {
-            self.response_events(events, bytes, at, out);
-        } else {
-            self.end_broken_response(at, out);
-            self.await_response = true;
-        }
-    }
-
-    fn end_broken_response(&mut self, at: u64, out: &mut Vec<Metered>) {
-        if let Some(Pending::Llm(call)) = self.waiting.pop_front() {
-            out.push(Metered { origin: self.origin.clone(), call: call.finish(at, false) });
-        }
-        self.responses = h1::Decoder::new(Side::Response);
-    }
-
-    /// Ends every open call (connection closed or evicted).
-    fn close(mut self, at: u64, out: &mut Vec<Metered>) {
-        if let Protocol::Http2(h2) = std::mem::replace(&mut self.protocol, Protocol::Unknown) {
-            h2.close(at, &self.origin, out);
-            return;
-        }
-        let mut tail = Vec::new();
-        self.responses.close(&mut tail);
-        self.response_events(&mut tail, &[], at, out);
-        for pending in self.current.take().into_iter().chain(self.waiting.drain(..)) {
-            if let Pending::Llm(call) = pending {
-                out.push(Metered { origin: self.origin.clone(), call: call.finish(at, false) });
-            }
-        }
-    }
-}
 
 /// All connections of all processes.
 #[derive(Default)]
@@ -394,9 +198,9 @@ impl Reassembler {
             *left = u64::from(*call_len);
         }
         *left = left.saturating_sub(bytes.len() as u64);
-        let (decoder, side) = match direction {
-            Direction::Write => (&mut conn.requests, Side::Request),
-            Direction::Read => (&mut conn.responses, Side::Response),
+        let side = match direction {
+            Direction::Write => Side::Request,
+            Direction::Read => Side::Response,
         };
         if conn.ignored {
             return;
@@ -424,57 +228,7 @@ impl Reassembler {
             }
             return;
         }
-        if matches!(side, Side::Response) && conn.await_response {
-            if !begins_response(*offset, bytes) {
-                return;
-            }
-            conn.await_response = false;
-        }
-        // Until the first request, a write call that begins like one starts afresh:
-        // the rest of a message from before the attach may sit in the decoder.
-        if conn.requests_seen == 0 && *offset == 0 && matches!(side, Side::Request) && begins_request(bytes) {
-            *decoder = h1::Decoder::new(Side::Request);
-        }
-        let mut events = std::mem::take(&mut self.h1_events);
-        events.clear();
-        let fed = decoder.feed(bytes, &mut events);
-        if fed.is_err() {
-            let serving = match side {
-                Side::Request => bytes.starts_with(b"HTTP/"),
-                Side::Response => bytes.split(|&b| b == b' ').next().is_some_and(|m| METHODS.contains(&m)),
-            };
-            if serving {
-                self.h1_events = events;
-                conn.ignored = true;
-                self.drops.server_side += 1;
-                return;
-            }
-            if matches!(side, Side::Response) && conn.requests_seen > 0 {
-                self.drops.broken_responses += 1;
-                conn.response_broke(*offset, bytes, now, &mut events, out);
-                self.h1_events = events;
-                return;
-            }
-            self.h1_events = events;
-            if conn.resyncs == 0 {
-                self.drops.not_http1 += 1;
-            }
-            // Seen from its middle (the agent started mid-call), a connection begins
-            // with the rest of a message: until it shows a request, each side starts
-            // afresh at its next call, a few times, rather than going blind for good.
-            if conn.requests_seen == 0 && conn.resyncs < MAX_RESYNCS {
-                conn.resyncs += 1;
-                *decoder = h1::Decoder::new(side);
-            } else {
-                conn.ignored = true;
-            }
-            return;
-        }
-        match side {
-            Side::Request => conn.request_events(&mut events, bytes, now),
-            Side::Response => conn.response_events(&mut events, bytes, now, out),
-        }
-        self.h1_events = events;
+        conn.feed_h1(side, *offset, bytes, now, &mut self.drops, &mut self.h1_events, out);
     }
 
     /// Brings the buffered total up to date after an event on `key`, and evicts

@@ -1,7 +1,7 @@
 //! Replays synthetic captures through reassembly and checks the calls that come out.
 
 use super::*;
-use crate::llm::{Endpoint, Provider, Usage};
+use crate::llm::{Endpoint, Exchange, Provider, Usage};
 
 struct Capture {
     events: Vec<CaptureEvent>,
@@ -92,6 +92,36 @@ fn openai_chat_on_a_keep_alive_connection_is_metered_exactly() {
     }
     assert_eq!(calls[0].call.body_hash, calls[1].call.body_hash, "same body, however it was split");
     assert_eq!(r.open_connections(), 1);
+}
+
+#[test]
+fn a_response_recorded_before_its_request_is_paired_with_it() {
+    // Go reads on a goroutine of its own: a response's record can come before that
+    // of the write that sent its request (emitted when the write returns).
+    let req = request("/v1/chat/completions", "api.openai.com", r#"{"model":"gpt-4o-mini","messages":[]}"#, "");
+    let resp = json_response(200, CHAT_BODY);
+    let mut cap = Capture::new();
+    cap.data(1, Direction::Write, &req, 4096).data(1, Direction::Read, &resp, 4096);
+    cap.data(1, Direction::Read, &resp, 60).data(1, Direction::Write, &req, 4096);
+    cap.data(1, Direction::Write, &req, 4096).data(1, Direction::Read, &resp, 4096);
+    let (calls, r) = cap.replay(Limits::default());
+    let seen: Vec<(Exchange, Option<u16>, bool)> = calls.iter().map(|m| (m.call.exchange, m.call.status, m.call.incomplete)).collect();
+    let whole = |request| (Exchange::Http1 { request }, Some(200), false);
+    assert_eq!(seen, [whole(1), whole(2), whole(3)]);
+    assert!(calls.iter().all(|m| m.call.usage.map(|u| (u.input, u.output)) == Some((25, 9))));
+    assert_eq!(r.drops().unanswered_responses, 0);
+
+    // A response no request follows soon (a server's 408 before it closes) is not
+    // taken for the next call's.
+    let mut cap = Capture::new();
+    cap.data(2, Direction::Write, &req, 4096).data(2, Direction::Read, &resp, 4096);
+    cap.data(2, Direction::Read, b"HTTP/1.1 408 Request Timeout\r\nContent-Length: 0\r\n\r\n", 4096);
+    cap.t += 5_000_000_000;
+    cap.data(2, Direction::Write, &req, 4096).data(2, Direction::Read, &resp, 4096);
+    let (calls, r) = cap.replay(Limits::default());
+    let seen: Vec<(Exchange, Option<u16>, bool)> = calls.iter().map(|m| (m.call.exchange, m.call.status, m.call.incomplete)).collect();
+    assert_eq!(seen, [whole(1), whole(2)]);
+    assert_eq!(r.drops().unanswered_responses, 1);
 }
 
 #[test]

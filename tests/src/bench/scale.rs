@@ -110,7 +110,7 @@ pub fn run(scale: Scale) -> anyhow::Result<Vec<Row>> {
         .collect();
     let lost_total: f64 = lost.iter().map(|(_, n)| n).sum();
     let lost_bytes = delta("gauge_capture_lost_bytes_total", &[]) + delta("gauge_capture_throttled_bytes_total", &[]);
-    let mut drops: Vec<(String, f64)> = ["not_http1", "evicted_capacity", "evicted_idle", "evicted_memory", "gap", "streams_over_limit", "broken_response"]
+    let mut drops: Vec<(String, f64)> = ["not_http1", "evicted_capacity", "evicted_idle", "evicted_memory", "gap", "streams_over_limit", "broken_response", "unanswered_response"]
         .iter()
         .map(|r| (format!("http {r}"), delta("gauge_http_dropped_total", &[("reason", r)])))
         .collect();

@@ -19,8 +19,10 @@ use crate::source::{CaptureEvent, Payload};
 const BATCH: usize = 4096;
 /// How often the ring is read while records are coming without wakeups: the most
 /// a call's metering waits (a held request's record always wakes the reader).
-/// Each tick costs a thread wakeup, most of the reader's CPU when it is short.
-const TICK: Duration = Duration::from_millis(20);
+/// Each tick costs a thread wakeup, most of the reader's CPU when it is short;
+/// the kernel's forced wakeups come this often too (`emit::WAKEUP_INTERVAL_NS`),
+/// so a shorter tick would only add passes.
+const TICK: Duration = Duration::from_millis(50);
 /// How long after the last record the reader goes on ticking (longer than the
 /// kernel's `WAKEUP_INTERVAL_NS`), and how often it looks when idle.
 const QUIET: Duration = Duration::from_secs(1);
