@@ -61,6 +61,9 @@ pub(super) struct Connection {
     /// the first came (see [`Connection::hold_early`]).
     early: Vec<u8>,
     early_at: u64,
+    /// Such a response was too large to hold: the request that follows it within
+    /// the window is the one it answered.
+    owed: bool,
 }
 
 impl Pending {
@@ -99,6 +102,7 @@ impl Connection {
             await_response: false,
             early: Vec::new(),
             early_at: 0,
+            owed: false,
         }
     }
 
@@ -133,18 +137,27 @@ impl Connection {
                 }
                 self.await_response = false;
             }
-            if self.requests_seen > 0 && self.answers_nothing() && self.responses.between_messages() {
+            // Once holding, the rest of that response is held too, in order.
+            if !self.early.is_empty() || (self.requests_seen > 0 && self.answers_nothing() && self.responses.between_messages()) {
                 self.hold_early(bytes, now, drops);
                 return;
             }
         }
         self.decode(side, offset, bytes, now, drops, events, out);
-        if matches!(side, Side::Request) && !self.early.is_empty() && !self.answers_nothing() {
-            let early = std::mem::take(&mut self.early);
-            if now.saturating_sub(self.early_at) <= EARLY_WINDOW_NS {
-                self.decode(Side::Response, 0, &early, now, drops, events, out);
-            } else {
-                drops.unanswered_responses += 1;
+        // Replayed once the request it answers is whole (it may take several writes).
+        if matches!(side, Side::Request) && self.current.is_none() && !self.waiting.is_empty() {
+            let within = now.saturating_sub(self.early_at) <= EARLY_WINDOW_NS;
+            if !self.early.is_empty() {
+                let early = std::mem::take(&mut self.early);
+                if within {
+                    self.decode(Side::Response, 0, &early, now, drops, events, out);
+                } else {
+                    drops.unanswered_responses += 1;
+                }
+            } else if std::mem::take(&mut self.owed) && within {
+                // Its response was too large to hold: the call ends incomplete rather
+                // than take the next call's response for its own.
+                self.end_broken_response(now, out);
             }
         }
     }
@@ -164,15 +177,18 @@ impl Connection {
     fn hold_early(&mut self, bytes: &[u8], now: u64, drops: &mut Drops) {
         if self.early.is_empty() {
             self.early_at = now;
+            self.owed = false;
         } else if now.saturating_sub(self.early_at) > EARLY_WINDOW_NS {
             self.early.clear();
             self.early_at = now;
             drops.unanswered_responses += 1;
         }
         if self.early.len() + bytes.len() > MAX_EARLY_BYTES {
+            // The rest of it is skipped, and the request that comes for it within
+            // the window ends incomplete (`owed`).
             self.early = Vec::new();
-            self.responses = h1::Decoder::new(Side::Response);
             self.await_response = true;
+            self.owed = true;
             drops.unanswered_responses += 1;
             return;
         }
@@ -313,7 +329,7 @@ impl Connection {
         if self.responses.feed(bytes, events).is_ok() {
             self.response_events(events, bytes, at, out);
         } else {
-            self.end_broken_response(at, out);
+            self.responses = h1::Decoder::new(Side::Response);
             self.await_response = true;
         }
     }
@@ -332,6 +348,13 @@ impl Connection {
             return;
         }
         let mut tail = Vec::new();
+        // A response held for a request still being written (a server that
+        // answered early, then closed) answers it.
+        let early = std::mem::take(&mut self.early);
+        if !early.is_empty() && !self.answers_nothing() && self.responses.feed(&early, &mut tail).is_ok() {
+            self.response_events(&mut tail, &early, at, out);
+        }
+        tail.clear();
         self.responses.close(&mut tail);
         self.response_events(&mut tail, &[], at, out);
         for pending in self.current.take().into_iter().chain(self.waiting.drain(..)) {

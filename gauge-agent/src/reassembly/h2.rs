@@ -12,21 +12,44 @@ use crate::{
 const MAX_STREAMS: usize = 1024;
 /// Request body kept per undecodable stream to recognise it by shape.
 const MAX_SHAPE_BODY: usize = 1 << 20;
+/// Bounds on the response frames held for streams whose request is not seen yet
+/// (see [`H2Connection::hold_early`]), as for HTTP/1.
+const MAX_EARLY_BYTES: usize = 256 << 10;
+const MAX_EARLY_FRAMES: usize = 256;
+const EARLY_WINDOW_NS: u64 = 1_000_000_000;
 
 pub(super) struct H2Connection {
     client: h2::Decoder,
     server: h2::Decoder,
     streams: HashMap<u32, Pending>,
+    /// The highest stream the client was seen opening.
+    last_opened: u32,
+    /// Seen from its preface: every stream the client opens is seen opening. Seen
+    /// from its middle, only those after the first one seen are known to be.
+    from_start: bool,
+    /// Response frames read for streams opened after `last_opened`, with when
+    /// they were read, and their body bytes.
+    early: Vec<(h2::Event, u64)>,
+    early_bytes: usize,
 }
 
 impl H2Connection {
     pub(super) fn new(in_sync: bool) -> Self {
-        Self { client: h2::Decoder::new(true, in_sync), server: h2::Decoder::new(false, in_sync), streams: HashMap::new() }
+        Self {
+            client: h2::Decoder::new(true, in_sync),
+            server: h2::Decoder::new(false, in_sync),
+            streams: HashMap::new(),
+            last_opened: 0,
+            from_start: in_sync,
+            early: Vec::new(),
+            early_bytes: 0,
+        }
     }
 
     /// Bytes held for this connection: both decoders and every open stream.
     pub(super) fn buffered(&self) -> usize {
-        self.client.buffered() + self.server.buffered() + self.streams.values().map(Pending::buffered).sum::<usize>()
+        let early = self.early.capacity() * std::mem::size_of::<(h2::Event, u64)>() + self.early_bytes;
+        self.client.buffered() + self.server.buffered() + self.streams.values().map(Pending::buffered).sum::<usize>() + early
     }
 
     /// Bytes the process wrote (requests). Returns false once the bytes are not HTTP/2.
@@ -34,6 +57,14 @@ impl H2Connection {
         let mut events = Vec::new();
         let ok = self.client.feed(bytes, &mut events).is_ok();
         for event in events {
+            // Any client frame on a stream (headers, even undecodable ones, or data)
+            // shows it open.
+            if let Some(stream) = stream_of(&event).or(match &event {
+                h2::Event::HpackDesync { stream } => Some(*stream),
+                _ => None,
+            }) {
+                self.last_opened = self.last_opened.max(stream);
+            }
             match event {
                 h2::Event::Headers { stream, headers, end_stream } => {
                     let head = request_head(headers);
@@ -77,6 +108,9 @@ impl H2Connection {
                 h2::Event::GoAway => {}
             }
         }
+        if !self.early.is_empty() {
+            self.replay_early(at, origin, drops, out);
+        }
         ok
     }
 
@@ -85,36 +119,87 @@ impl H2Connection {
         let mut events = Vec::new();
         let ok = self.server.feed(bytes, &mut events).is_ok();
         for event in events {
-            match event {
-                h2::Event::Headers { stream, headers, end_stream } => {
-                    let status = headers.get(":status").and_then(|s| s.parse::<u16>().ok()).unwrap_or(0);
-                    if (100..200).contains(&status) {
-                        continue; // interim
-                    }
-                    if let Some(Pending::Llm(call)) = self.streams.get_mut(&stream) {
-                        // Trailers (a second block) carry no status and are ignored.
-                        if status != 0 {
-                            call.response_head(ResponseHead { status, headers });
-                        }
-                    }
-                    if end_stream {
-                        self.end_stream(stream, at, true, origin, out);
-                    }
-                }
-                h2::Event::Data { stream, bytes, end_stream } => {
-                    if let Some(Pending::Llm(call)) = self.streams.get_mut(&stream) {
-                        call.response_body(&bytes, at);
-                    }
-                    if end_stream {
-                        self.end_stream(stream, at, true, origin, out);
-                    }
-                }
-                h2::Event::Reset { stream } => self.end_stream(stream, at, false, origin, out),
-                h2::Event::HpackDesync { .. } => drops.hpack_desyncs += 1,
-                h2::Event::GoAway => {}
+            if let Some(stream) = stream_of(&event)
+                && (self.from_start || self.last_opened > 0)
+                && stream > self.last_opened
+                && stream % 2 == 1
+            {
+                self.hold_early(event, at, drops);
+                continue;
             }
+            self.response_event(event, at, origin, drops, out);
         }
         ok
+    }
+
+    /// A response frame for a stream the client opened, by its id, but whose
+    /// request was not seen yet. A process that reads on one thread while it writes
+    /// on another (Go's transport reads on its own goroutine) can have the response
+    /// read, and its record emitted, before the record of the write that sent the
+    /// request, which is emitted when that write returns. Held, bounded, for the
+    /// request that follows within [`EARLY_WINDOW_NS`]; else dropped and counted.
+    fn hold_early(&mut self, event: h2::Event, at: u64, drops: &mut Drops) {
+        let mut expired: Vec<u32> = Vec::new();
+        self.early.retain(|(event, when)| {
+            let keep = at.saturating_sub(*when) <= EARLY_WINDOW_NS;
+            if !keep && let Some(stream) = stream_of(event) && !expired.contains(&stream) {
+                expired.push(stream);
+            }
+            keep
+        });
+        drops.unanswered_responses += expired.len() as u64;
+        self.early_bytes = self.early.iter().map(|(e, _)| data_len(e)).sum();
+        if self.early.len() >= MAX_EARLY_FRAMES || self.early_bytes + data_len(&event) > MAX_EARLY_BYTES {
+            drops.unanswered_responses += 1;
+            return;
+        }
+        self.early_bytes += data_len(&event);
+        self.early.push((event, at));
+    }
+
+    /// After a write: the held frames of streams whose request is now seen are
+    /// read as if they came now.
+    fn replay_early(&mut self, at: u64, origin: &Origin, drops: &mut Drops, out: &mut Vec<Metered>) {
+        for (event, when) in std::mem::take(&mut self.early) {
+            if stream_of(&event).is_some_and(|stream| stream <= self.last_opened) {
+                self.response_event(event, at, origin, drops, out);
+            } else {
+                self.early.push((event, when));
+            }
+        }
+        self.early_bytes = self.early.iter().map(|(e, _)| data_len(e)).sum();
+    }
+
+    /// One frame of the server's.
+    fn response_event(&mut self, event: h2::Event, at: u64, origin: &Origin, drops: &mut Drops, out: &mut Vec<Metered>) {
+        match event {
+            h2::Event::Headers { stream, headers, end_stream } => {
+                let status = headers.get(":status").and_then(|s| s.parse::<u16>().ok()).unwrap_or(0);
+                if (100..200).contains(&status) {
+                    return; // interim
+                }
+                if let Some(Pending::Llm(call)) = self.streams.get_mut(&stream) {
+                    // Trailers (a second block) carry no status and are ignored.
+                    if status != 0 {
+                        call.response_head(ResponseHead { status, headers });
+                    }
+                }
+                if end_stream {
+                    self.end_stream(stream, at, true, origin, out);
+                }
+            }
+            h2::Event::Data { stream, bytes, end_stream } => {
+                if let Some(Pending::Llm(call)) = self.streams.get_mut(&stream) {
+                    call.response_body(&bytes, at);
+                }
+                if end_stream {
+                    self.end_stream(stream, at, true, origin, out);
+                }
+            }
+            h2::Event::Reset { stream } => self.end_stream(stream, at, false, origin, out),
+            h2::Event::HpackDesync { .. } => drops.hpack_desyncs += 1,
+            h2::Event::GoAway => {}
+        }
     }
 
     fn request_end(&mut self, stream: u32) {
@@ -148,6 +233,20 @@ impl H2Connection {
                 out.push(Metered { origin: origin.clone(), call: call.finish(at, false) });
             }
         }
+    }
+}
+
+fn stream_of(event: &h2::Event) -> Option<u32> {
+    match event {
+        h2::Event::Headers { stream, .. } | h2::Event::Data { stream, .. } => Some(*stream),
+        _ => None,
+    }
+}
+
+fn data_len(event: &h2::Event) -> usize {
+    match event {
+        h2::Event::Data { bytes, .. } => bytes.len(),
+        _ => 0,
     }
 }
 

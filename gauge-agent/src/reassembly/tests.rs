@@ -102,13 +102,15 @@ fn a_response_recorded_before_its_request_is_paired_with_it() {
     let resp = json_response(200, CHAT_BODY);
     let mut cap = Capture::new();
     cap.data(1, Direction::Write, &req, 4096).data(1, Direction::Read, &resp, 4096);
-    cap.data(1, Direction::Read, &resp, 60).data(1, Direction::Write, &req, 4096);
+    // The request in several writes (Go's are at most 4 KiB): held until it is whole.
+    cap.data(1, Direction::Read, &resp, 60).data(1, Direction::Write, &req, 40);
     cap.data(1, Direction::Write, &req, 4096).data(1, Direction::Read, &resp, 4096);
     let (calls, r) = cap.replay(Limits::default());
     let seen: Vec<(Exchange, Option<u16>, bool)> = calls.iter().map(|m| (m.call.exchange, m.call.status, m.call.incomplete)).collect();
     let whole = |request| (Exchange::Http1 { request }, Some(200), false);
     assert_eq!(seen, [whole(1), whole(2), whole(3)]);
     assert!(calls.iter().all(|m| m.call.usage.map(|u| (u.input, u.output)) == Some((25, 9))));
+    assert!(calls.iter().all(|m| m.call.request_model.as_deref() == Some("gpt-4o-mini")), "each request read whole: {calls:#?}");
     assert_eq!(r.drops().unanswered_responses, 0);
 
     // A response no request follows soon (a server's 408 before it closes) is not
@@ -382,6 +384,30 @@ pub(super) mod http2 {
             assert!(calls.iter().all(|m| m.call.provider == Provider::OpenAi && m.call.stream && !m.call.incomplete));
             assert_eq!(r.drops().hpack_desyncs, 0);
         }
+    }
+
+    #[test]
+    fn a_streams_response_recorded_before_its_request_is_paired_with_it() {
+        // Go's transport reads on a goroutine of its own: a stream's response frames
+        // can be recorded before the write that opened the stream.
+        let (mut client, mut server) = (loona_hpack::Encoder::new(), loona_hpack::Encoder::new());
+        let mut cap = Capture::new();
+        let mut preface = PREFACE.to_vec();
+        preface.extend(frame(4, 0, 0, &[]));
+        cap.data(9, Direction::Write, &preface, 4096);
+        for stream in [1u32, 3] {
+            let h = headers(&mut client, &[(":method", "POST"), (":scheme", "https"), (":path", "/v1/chat/completions"), (":authority", "api.openai.com")]);
+            let mut writes = frame(1, 0x4, stream, &h);
+            writes.extend(frame(0, 0x1, stream, br#"{"model":"gpt-4o-mini"}"#));
+            let mut reads = frame(1, 0x4, stream, &headers(&mut server, &[(":status", "200"), ("content-type", "application/json")]));
+            reads.extend(frame(0, 0x1, stream, CHAT_BODY.as_bytes()));
+            cap.data(9, Direction::Read, &reads, 4096).data(9, Direction::Write, &writes, 4096);
+        }
+        let (calls, r) = cap.replay(Limits::default());
+        let seen: Vec<(Exchange, Option<u16>, bool)> = calls.iter().map(|m| (m.call.exchange, m.call.status, m.call.incomplete)).collect();
+        assert_eq!(seen, [(Exchange::Http2 { stream: 1 }, Some(200), false), (Exchange::Http2 { stream: 3 }, Some(200), false)]);
+        assert!(calls.iter().all(|m| m.call.usage.map(|u| (u.input, u.output)) == Some((25, 9))));
+        assert_eq!(r.drops().unanswered_responses, 0);
     }
 
     #[test]
