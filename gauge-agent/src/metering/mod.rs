@@ -290,7 +290,7 @@ impl ReassemblyMetrics {
         let open = Gauge::default();
         registry.register(
             "gauge_http_dropped",
-            "Connections or calls reassembly could not fully use: not_http1 (not HTTP), server_side (the process serves HTTPS), evicted_capacity (http.max_connections), evicted_idle, evicted_memory (http.max_buffered_bytes), gap (bytes lost), streams_over_limit, broken_response (an HTTP/1 response not parsed after its request was: its call ends incomplete, the connection is read on from its next response), unanswered_response (an HTTP/1 response with no request seen for it within a second)",
+            "Connections or calls reassembly could not fully use: not_http1 (not HTTP), server_side (the process serves HTTPS), evicted_capacity (http.max_connections), evicted_idle, evicted_memory (http.max_buffered_bytes), gap (bytes lost), streams_over_limit, broken_response (an HTTP/1 response not parsed after its request was: its call ends incomplete, the connection is read on from its next response), unanswered_response (a response, HTTP/1 or an HTTP/2 stream's, with no request seen for it within a second)",
             dropped.clone(),
         );
         registry.register("gauge_http_open_connections", "Connections with reassembly state.", open.clone());

@@ -4,7 +4,7 @@
 
 use std::collections::VecDeque;
 
-use super::{Drops, METHODS, Metered, Origin, begins_request, begins_response, h2};
+use super::{Drops, Metered, Origin, begins_request, h2};
 use crate::{
     http::h1::{self, Side},
     llm::{CallTracker, Exchange, providers},
@@ -19,6 +19,11 @@ const MAX_RESYNCS: u8 = 4;
 const EARLY_WINDOW_NS: u64 = 1_000_000_000;
 /// Most bytes of such a response kept.
 const MAX_EARLY_BYTES: usize = 256 << 10;
+
+/// A read call (`offset` 0) whose bytes begin an HTTP/1 response.
+fn begins_response(offset: u32, bytes: &[u8]) -> bool {
+    offset == 0 && bytes.starts_with(b"HTTP/1.")
+}
 
 pub(super) enum Pending {
     Llm(Box<CallTracker>),
@@ -211,7 +216,7 @@ impl Connection {
         if decoder.feed(bytes, events).is_err() {
             let serving = match side {
                 Side::Request => bytes.starts_with(b"HTTP/"),
-                Side::Response => bytes.split(|&b| b == b' ').next().is_some_and(|m| METHODS.contains(&m)),
+                Side::Response => begins_request(bytes),
             };
             if serving {
                 self.ignored = true;

@@ -28,9 +28,8 @@ pub(super) struct H2Connection {
     /// from its middle, only those after the first one seen are known to be.
     from_start: bool,
     /// Response frames read for streams opened after `last_opened`, with when
-    /// they were read, and their body bytes.
+    /// they were read.
     early: Vec<(h2::Event, u64)>,
-    early_bytes: usize,
 }
 
 impl H2Connection {
@@ -42,13 +41,12 @@ impl H2Connection {
             last_opened: 0,
             from_start: in_sync,
             early: Vec::new(),
-            early_bytes: 0,
         }
     }
 
     /// Bytes held for this connection: both decoders and every open stream.
     pub(super) fn buffered(&self) -> usize {
-        let early = self.early.capacity() * std::mem::size_of::<(h2::Event, u64)>() + self.early_bytes;
+        let early = self.early.capacity() * std::mem::size_of::<(h2::Event, u64)>() + self.early_bytes();
         self.client.buffered() + self.server.buffered() + self.streams.values().map(Pending::buffered).sum::<usize>() + early
     }
 
@@ -148,13 +146,16 @@ impl H2Connection {
             keep
         });
         drops.unanswered_responses += expired.len() as u64;
-        self.early_bytes = self.early.iter().map(|(e, _)| data_len(e)).sum();
-        if self.early.len() >= MAX_EARLY_FRAMES || self.early_bytes + data_len(&event) > MAX_EARLY_BYTES {
+        if self.early.len() >= MAX_EARLY_FRAMES || self.early_bytes() + data_len(&event) > MAX_EARLY_BYTES {
             drops.unanswered_responses += 1;
             return;
         }
-        self.early_bytes += data_len(&event);
         self.early.push((event, at));
+    }
+
+    /// Body bytes of the held frames.
+    fn early_bytes(&self) -> usize {
+        self.early.iter().map(|(event, _)| data_len(event)).sum()
     }
 
     /// After a write: the held frames of streams whose request is now seen are
@@ -167,7 +168,6 @@ impl H2Connection {
                 self.early.push((event, when));
             }
         }
-        self.early_bytes = self.early.iter().map(|(e, _)| data_len(e)).sum();
     }
 
     /// One frame of the server's.

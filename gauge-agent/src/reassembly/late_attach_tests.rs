@@ -59,6 +59,11 @@ fn h1_response() -> (Vec<u8>, Vec<u8>) {
     (head.into_bytes(), CHAT_BODY.as_bytes().to_vec())
 }
 
+/// Each call's exchange and whether it is incomplete.
+fn exchanges(calls: &[Metered]) -> Vec<(Exchange, bool)> {
+    calls.iter().map(|m| (m.call.exchange, m.call.incomplete)).collect()
+}
+
 fn assert_one_whole_call(calls: &[Metered], exchange: Exchange) {
     assert_eq!(calls.len(), 1, "{calls:#?}");
     let c = &calls[0].call;
@@ -104,9 +109,8 @@ fn a_response_seen_from_its_body_ends_its_call_and_the_next_response_is_read() {
     let mut live = Live::new();
     live.write(1, &head).write(1, &body).read(1, &response_body);
     live.h1_call(1).h1_call(1);
-    let seen: Vec<(Exchange, bool)> = live.out.iter().map(|m| (m.call.exchange, m.call.incomplete)).collect();
     assert_eq!(
-        seen,
+        exchanges(&live.out),
         [(Exchange::Http1 { request: 1 }, true), (Exchange::Http1 { request: 2 }, false), (Exchange::Http1 { request: 3 }, false)],
         "{:#?}",
         live.out
@@ -119,9 +123,8 @@ fn a_response_seen_from_its_body_ends_its_call_and_the_next_response_is_read() {
     let mut live = Live::new();
     live.h1_call(2).write(2, &head).write(2, &body).read(2, b"garbage\r\n\r\n").read(2, &response_body[..10]);
     live.read(2, &response_body[10..]).h1_call(2);
-    let seen: Vec<(Exchange, bool)> = live.out.iter().map(|m| (m.call.exchange, m.call.incomplete)).collect();
     assert_eq!(
-        seen,
+        exchanges(&live.out),
         [(Exchange::Http1 { request: 1 }, false), (Exchange::Http1 { request: 2 }, true), (Exchange::Http1 { request: 3 }, false)],
         "{:#?}",
         live.out

@@ -22,11 +22,6 @@ use crate::{
 
 const METHODS: [&[u8]; 8] = [b"GET", b"POST", b"PUT", b"DELETE", b"PATCH", b"HEAD", b"OPTIONS", b"PRI"];
 
-/// A read call (`offset` 0) whose bytes begin an HTTP/1 response.
-fn begins_response(offset: u32, bytes: &[u8]) -> bool {
-    offset == 0 && bytes.starts_with(b"HTTP/1.")
-}
-
 /// Bytes that begin with an HTTP/1 method (or the HTTP/2 preface's `PRI`).
 fn begins_request(bytes: &[u8]) -> bool {
     bytes.split(|&b| b == b' ').next().is_some_and(|m| METHODS.contains(&m))
@@ -91,8 +86,8 @@ pub struct Drops {
     /// HTTP/1 responses that could not be parsed on a connection whose requests
     /// were (their start missed, bytes lost): each one's call ends incomplete.
     pub broken_responses: u64,
-    /// HTTP/1 responses no request was seen for, within a second (a lost record,
-    /// a server's unsolicited reply): not metered.
+    /// Responses (HTTP/1, or an HTTP/2 stream's frames) no request was seen for
+    /// within a second (a lost record, a server's unsolicited reply): not metered.
     pub unanswered_responses: u64,
 }
 

@@ -70,6 +70,11 @@ fn sse_response(events: &[&str]) -> Vec<u8> {
     out
 }
 
+/// Each call's exchange, status and whether it is incomplete.
+fn outcomes(calls: &[Metered]) -> Vec<(Exchange, Option<u16>, bool)> {
+    calls.iter().map(|m| (m.call.exchange, m.call.status, m.call.incomplete)).collect()
+}
+
 const CHAT_BODY: &str = r#"{"id":"c1","object":"chat.completion","model":"gpt-4o-mini-2024-07-18","choices":[],"usage":{"prompt_tokens":25,"completion_tokens":9,"total_tokens":34,"prompt_tokens_details":{"cached_tokens":0},"completion_tokens_details":{"reasoning_tokens":0}}}"#;
 
 #[test]
@@ -106,9 +111,8 @@ fn a_response_recorded_before_its_request_is_paired_with_it() {
     cap.data(1, Direction::Read, &resp, 60).data(1, Direction::Write, &req, 40);
     cap.data(1, Direction::Write, &req, 4096).data(1, Direction::Read, &resp, 4096);
     let (calls, r) = cap.replay(Limits::default());
-    let seen: Vec<(Exchange, Option<u16>, bool)> = calls.iter().map(|m| (m.call.exchange, m.call.status, m.call.incomplete)).collect();
     let whole = |request| (Exchange::Http1 { request }, Some(200), false);
-    assert_eq!(seen, [whole(1), whole(2), whole(3)]);
+    assert_eq!(outcomes(&calls), [whole(1), whole(2), whole(3)]);
     assert!(calls.iter().all(|m| m.call.usage.map(|u| (u.input, u.output)) == Some((25, 9))));
     assert!(calls.iter().all(|m| m.call.request_model.as_deref() == Some("gpt-4o-mini")), "each request read whole: {calls:#?}");
     assert_eq!(r.drops().unanswered_responses, 0);
@@ -121,8 +125,7 @@ fn a_response_recorded_before_its_request_is_paired_with_it() {
     cap.t += 5_000_000_000;
     cap.data(2, Direction::Write, &req, 4096).data(2, Direction::Read, &resp, 4096);
     let (calls, r) = cap.replay(Limits::default());
-    let seen: Vec<(Exchange, Option<u16>, bool)> = calls.iter().map(|m| (m.call.exchange, m.call.status, m.call.incomplete)).collect();
-    assert_eq!(seen, [whole(1), whole(2)]);
+    assert_eq!(outcomes(&calls), [whole(1), whole(2)]);
     assert_eq!(r.drops().unanswered_responses, 1);
 }
 
@@ -404,8 +407,7 @@ pub(super) mod http2 {
             cap.data(9, Direction::Read, &reads, 4096).data(9, Direction::Write, &writes, 4096);
         }
         let (calls, r) = cap.replay(Limits::default());
-        let seen: Vec<(Exchange, Option<u16>, bool)> = calls.iter().map(|m| (m.call.exchange, m.call.status, m.call.incomplete)).collect();
-        assert_eq!(seen, [(Exchange::Http2 { stream: 1 }, Some(200), false), (Exchange::Http2 { stream: 3 }, Some(200), false)]);
+        assert_eq!(outcomes(&calls), [(Exchange::Http2 { stream: 1 }, Some(200), false), (Exchange::Http2 { stream: 3 }, Some(200), false)]);
         assert!(calls.iter().all(|m| m.call.usage.map(|u| (u.input, u.output)) == Some((25, 9))));
         assert_eq!(r.drops().unanswered_responses, 0);
     }

@@ -25,7 +25,8 @@ use super::{elf::TlsSymbols, golang, openssl, tracefs};
 /// The eBPF object built by `build.rs`; empty when built with `GAUGE_EBPF_STUB=1`.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/gauge-ebpf"));
 
-/// What a hooked function does, which decides when its probes are attached.
+/// What a hooked function does, which decides when its probes are attached (in
+/// this order, see [`probe_points`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Role {
     /// Ends a connection.
@@ -62,17 +63,6 @@ const GO_HOOKS: [(&str, &str, Option<&str>, Role); 3] = [
     (golang::CLOSE, prog::GO_TLS_CLOSE_ENTRY, None, Role::Close),
 ];
 
-/// Where a probe comes in the order a file's probes are attached: closes, then
-/// reads, then writes, and a function's return before its entry. A file's probes
-/// go live one at a time while its processes run, so a process is seen from the
-/// middle; in this order, whatever it is seen doing is followed by the rest: a
-/// request seen is one whose response reads are all seen too (were writes first,
-/// a response could be missed, or seen only from its body, while its request was
-/// seen), and an entry seen is one whose return is seen.
-fn attach_rank(role: Role, is_entry: bool) -> (Role, bool) {
-    (role, is_entry)
-}
-
 /// Plain HTTP: each program and the syscall tracepoints it is attached to.
 const PLAIN_TRACEPOINTS: [(&str, &[&str]); 7] = [
     (prog::PLAIN_CONNECT_ENTER, &["sys_enter_connect"]),
@@ -96,20 +86,27 @@ fn hook_programs(
 /// (symbol, program, file offset) of one probe.
 type ProbePoint = (&'static str, &'static str, u64);
 
-/// Every probe a file with `symbols` gets, in the order they are attached (see
-/// [`attach_rank`]).
+/// Every probe a file with `symbols` gets, in the order they are attached: closes, then
+/// reads, then writes, and a function's return before its entry. A file's probes
+/// go live one at a time while its processes run, so a process is seen from the
+/// middle; in this order, whatever it is seen doing is followed by the rest: a
+/// request seen is one whose response reads are all seen too (were writes first,
+/// a response could be missed, or seen only from its body, while its request was
+/// seen), and an entry seen is one whose return is seen.
 fn probe_points(symbols: &TlsSymbols, return_probes: bool) -> Vec<ProbePoint> {
+    // Sorted by (role, is_entry): `Role` is declared in attach order, and a
+    // return (false) comes before its entry (true).
     let mut points: Vec<((Role, bool), ProbePoint)> = Vec::new();
     for hook @ (symbol, entry, _, role) in HOOKS {
         if let Some(&offset) = symbols.offsets.get(symbol) {
-            points.extend(hook_programs(hook, return_probes).map(|name| (attach_rank(role, name == entry), (symbol, name, offset))));
+            points.extend(hook_programs(hook, return_probes).map(|name| ((role, name == entry), (symbol, name, offset))));
         }
     }
     for (symbol, entry, ret, role) in GO_HOOKS {
         let Some(&offset) = symbols.offsets.get(symbol) else { continue };
-        points.push((attach_rank(role, true), (symbol, entry, offset)));
+        points.push(((role, true), (symbol, entry, offset)));
         let returns = symbols.returns.get(symbol).map(Vec::as_slice).unwrap_or_default();
-        points.extend(ret.into_iter().flat_map(|ret| returns.iter().map(move |r| (attach_rank(role, false), (symbol, ret, *r)))));
+        points.extend(ret.into_iter().flat_map(|ret| returns.iter().map(move |r| ((role, false), (symbol, ret, *r)))));
     }
     points.sort_by_key(|(rank, _)| *rank);
     points.into_iter().map(|(_, point)| point).collect()
