@@ -17,7 +17,7 @@ use crate::{
     config_watch::ConfigWatch,
     attribution::{Attributor, container::MetadataRoots, process::ProcFs},
     policy::{cgroup::CgroupFs, executor::Executor},
-    source::{CaptureEvent, Payload, discovery},
+    source::{CaptureEvent, Comm, Payload, discovery},
     config::Config,
     metering::outcomes::OutcomeReport,
     pipeline::Pipeline,
@@ -167,7 +167,7 @@ pub async fn run(mut config: Config, config_path: Option<PathBuf>, listen: Optio
 /// executed, rather than at its first captured byte (which may be the request to stop).
 fn adopt_running(pipeline: &mut Pipeline, proc_root: &Path) {
     for pid in discovery::all_pids(proc_root) {
-        let event = CaptureEvent { timestamp_ns: monotonic_ns(), tgid: pid, tid: pid, cgroup_id: 0, comm: String::new(), payload: Payload::Exec };
+        let event = CaptureEvent { timestamp_ns: monotonic_ns(), tgid: pid, tid: pid, cgroup_id: 0, comm: Comm::default(), payload: Payload::Exec };
         pipeline.feed(&event);
     }
 }

@@ -18,8 +18,12 @@ fn main() -> anyhow::Result<()> {
         canary_child(if forbidden_syscall { ChildMode::ForbiddenSyscall } else { ChildMode::Canary });
     }
     telemetry::init();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+    // One thread: the ring reader hands each batch to the pipeline without waking
+    // another (with worker threads every batch woke a second thread, and the
+    // switches were a large part of the daemon's CPU; docs/PERFORMANCE.md).
+    // Blocking work has threads of its own (discovery, webhook, OTLP delivery,
+    // fleet budgets).
+    let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;

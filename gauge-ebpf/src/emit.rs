@@ -16,9 +16,10 @@ const BPF_RB_RING_SIZE: u64 = 1;
 const BPF_RB_NO_WAKEUP: u64 = 1;
 const BPF_RB_FORCE_WAKEUP: u64 = 2;
 /// After a record that wakes user space, others skip the wakeup for this long;
-/// user space, once woken, looks at the ring as often for a second (see
-/// `gauge-agent` `source::runtime::ring_reader`), so it finds them without one. Shorter than
-/// that second, or a record could wait for the next wakeup.
+/// user space, once woken, looks at the ring at each wakeup and whenever none came
+/// for 100 ms, for a second (see `gauge-agent` `source::runtime::ring_reader`), so
+/// it finds them without one. Shorter than that 100 ms, or a steady stream's
+/// records would be found by the reader's own looks, a second thread wakeup.
 const WAKEUP_INTERVAL_NS: u64 = 50_000_000;
 /// The window over which a process's share of the ring is counted.
 const SHARE_WINDOW_NS: u64 = 100_000_000;

@@ -7,6 +7,7 @@ use std::{
     collections::HashMap,
     io::Read as _,
     path::{Path, PathBuf},
+    time::{Duration, Instant},
 };
 
 use super::container::{self, Container, MetadataRoots};
@@ -83,6 +84,16 @@ impl ProcessSource for NoProcesses {
 /// at every exec inside them. Cleared when full.
 const MAX_CONTAINERS: usize = 4096;
 
+/// How long a start time read from `/proc` is taken as still true. Every metered
+/// call asks whether its pid was reused, and reading `/proc/PID/stat` for it was
+/// 6% of the daemon's CPU under a steady stream of calls; for a pid to be reused
+/// within a second the host would have to fork through the whole pid space
+/// (`pid_max`, 4,194,304 by default) in it, and a reused pid that executes a
+/// program is re-read at its exec event anyway.
+const START_TIME_FRESH: Duration = Duration::from_secs(1);
+/// Start times remembered; cleared when full.
+const MAX_START_TIMES: usize = 4096;
+
 /// Reads processes from a procfs.
 #[derive(Debug)]
 pub struct ProcFs {
@@ -91,11 +102,28 @@ pub struct ProcFs {
     /// Environment variables to keep (the rest of the environment is not kept).
     env_names: Vec<String>,
     containers: HashMap<String, Option<Container>>,
+    /// Start times read lately, and when.
+    start_times: HashMap<u32, (u64, Instant)>,
+    fresh_for: Duration,
 }
 
 impl ProcFs {
     pub fn new(root: impl Into<PathBuf>, metadata: MetadataRoots, env_names: Vec<String>) -> Self {
-        Self { root: root.into(), metadata, env_names, containers: HashMap::new() }
+        Self {
+            root: root.into(),
+            metadata,
+            env_names,
+            containers: HashMap::new(),
+            start_times: HashMap::new(),
+            fresh_for: START_TIME_FRESH,
+        }
+    }
+
+    fn note_start_time(&mut self, tgid: u32, start: u64) {
+        if self.start_times.len() >= MAX_START_TIMES {
+            self.start_times.clear();
+        }
+        self.start_times.insert(tgid, (start, Instant::now()));
     }
 
     fn container(&mut self, cgroup: &str) -> Option<Container> {
@@ -126,12 +154,23 @@ impl ProcessSource for ProcFs {
             read_bytes(&dir.join("environ")).map(|b| pick_env(&b, &self.env_names)).unwrap_or_default()
         };
         let namespace_init = read_text(&dir.join("status")).is_some_and(|s| is_namespace_init(&s));
+        self.note_start_time(tgid, start_time);
         Some(ProcessInfo { tgid, ppid, start_time, comm, exe, cmdline, cgroup, container, namespace_init, env })
     }
 
     fn start_time(&mut self, tgid: u32) -> Option<u64> {
-        let stat = read_text(&self.root.join(tgid.to_string()).join("stat"))?;
-        parse_stat(&stat).map(|(_, _, start)| start)
+        if let Some(&(start, at)) = self.start_times.get(&tgid)
+            && at.elapsed() < self.fresh_for
+        {
+            return Some(start);
+        }
+        let stat = read_text(&self.root.join(tgid.to_string()).join("stat"));
+        let Some((_, _, start)) = stat.as_deref().and_then(parse_stat) else {
+            self.start_times.remove(&tgid);
+            return None;
+        };
+        self.note_start_time(tgid, start);
+        Some(start)
     }
 }
 
@@ -264,6 +303,24 @@ mod tests {
         assert!(!info.exe.is_empty() && !info.cmdline.is_empty() && info.start_time > 0, "{info:?}");
         assert!(info.env("PATH").is_some() && info.env.len() == 1);
         assert_eq!(procfs.start_time(std::process::id()), Some(info.start_time));
+    }
+
+    #[test]
+    fn a_start_time_is_read_again_only_once_it_is_a_second_old() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let stat = |start: u64| format!("77 (agent) S 1 77 77 0 -1 0 0 0 0 0 0 0 0 0 20 0 1 0 {start} 1000 1 1");
+        std::fs::create_dir(root.path().join("77")).expect("mkdir");
+        std::fs::write(root.path().join("77/stat"), stat(500)).expect("write");
+        let mut procfs = ProcFs::new(root.path(), MetadataRoots::default(), Vec::new());
+        assert_eq!(procfs.start_time(77), Some(500));
+        std::fs::write(root.path().join("77/stat"), stat(900)).expect("write");
+        assert_eq!(procfs.start_time(77), Some(500), "read a moment ago: not read again");
+        procfs.fresh_for = Duration::ZERO;
+        assert_eq!(procfs.start_time(77), Some(900), "stale: read again, and the reuse is seen");
+        std::fs::remove_dir_all(root.path().join("77")).expect("rm");
+        assert_eq!(procfs.start_time(77), None, "gone");
+        procfs.fresh_for = START_TIME_FRESH;
+        assert_eq!(procfs.start_time(77), None, "a gone process is not remembered");
     }
 
     #[test]

@@ -95,7 +95,7 @@ pub struct Drops {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Origin {
     pub tgid: u32,
-    pub comm: String,
+    pub comm: crate::source::Comm,
     pub cgroup_id: u64,
     /// The connection (`SSL*`) the call was made on.
     pub connection: u64,
@@ -174,7 +174,7 @@ impl Reassembler {
         let now = event.timestamp_ns;
         if !self.connections.contains_key(&key) {
             self.make_room(now, out);
-            let origin = Origin { tgid: event.tgid, comm: event.comm.clone(), cgroup_id: event.cgroup_id, connection: *connection };
+            let origin = Origin { tgid: event.tgid, comm: event.comm, cgroup_id: event.cgroup_id, connection: *connection };
             self.connections.insert(key, Connection::new(origin, now));
         }
         let Some(conn) = self.connections.get_mut(&key) else { return };

@@ -18,4 +18,4 @@ pub mod redact;
 pub mod runtime;
 pub mod tracefs;
 
-pub use event::{CaptureEvent, Direction, Payload};
+pub use event::{CaptureEvent, Comm, Direction, Payload};

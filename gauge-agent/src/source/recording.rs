@@ -116,7 +116,7 @@ impl<W: Write> Writer<W> {
             tgid: event.tgid,
             tid: event.tid,
             cgroup: event.cgroup_id,
-            comm: event.comm.clone(),
+            comm: event.comm.to_string(),
             what,
         };
         serde_json::to_writer(&mut self.out, &line).map_err(std::io::Error::from)?;
@@ -176,7 +176,7 @@ impl Filter {
         }
         match &self.comm {
             None => true,
-            Some(name) if *name == event.comm => true,
+            Some(name) if event.comm == name.as_str() => true,
             Some(name) => {
                 let process = self.names.entry(event.tgid).or_insert_with(|| {
                     std::fs::read_to_string(format!("/proc/{}/comm", event.tgid))
@@ -231,7 +231,7 @@ pub fn read(input: impl BufRead) -> Result<(Preamble, Vec<CaptureEvent>), Record
             tgid: line.tgid,
             tid: line.tid,
             cgroup_id: line.cgroup,
-            comm: line.comm,
+            comm: line.comm.as_str().into(),
             payload,
         });
     }
