@@ -73,7 +73,14 @@ pub async fn run(mut config: Config, config_path: Option<PathBuf>, listen: Optio
     let serve = server::bind(listen, state.clone(), tls).await?;
     let mut serve = tokio::spawn(serve);
 
-    let runtime::Capture { mut events, enforcement } = runtime::start(config.capture_options(), capture.clone())?;
+    // Off the runtime's one thread: the canary, loading the programs and the first
+    // attach pass take seconds on a big host, while /healthz must answer (503
+    // until ready) and /metrics must not hang.
+    let start = {
+        let (options, capture) = (config.capture_options(), capture.clone());
+        tokio::task::spawn_blocking(move || runtime::start(options, capture))
+    };
+    let runtime::Capture { mut events, enforcement } = start.await.context("the capture start panicked")??;
     executor.set_maps(enforcement);
     if !config.policies.is_empty() {
         adopt_running(&mut pipeline, &proc_root);

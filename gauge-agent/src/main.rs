@@ -21,8 +21,9 @@ fn main() -> anyhow::Result<()> {
     // One thread: the ring reader hands each batch to the pipeline without waking
     // another (with worker threads every batch woke a second thread, and the
     // switches were a large part of the daemon's CPU; docs/PERFORMANCE.md).
-    // Blocking work has threads of its own (discovery, webhook, OTLP delivery,
-    // fleet budgets).
+    // Long blocking work has threads of its own (capture start, discovery,
+    // webhook, OTLP delivery, fleet budgets); what still runs here blocks the
+    // reader too, so keep it short (a cgroup freeze waits up to a second).
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

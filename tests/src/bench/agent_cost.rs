@@ -56,13 +56,14 @@ pub fn run(scale: Scale) -> anyhow::Result<Vec<Row>> {
         let mut daemon = Daemon::start("");
         daemon.wait_healthy();
         let pid = daemon.pid();
-        let started = proc_stat::cpu_time(pid)?;
-        let mut before = started;
+        let started = proc_stat::CpuMark::now(pid)?;
+        let mut before = None;
         let (cpu, wall) = client(&cert, port, calls, SETTLE, || {
-            before = proc_stat::cpu_time(pid)?;
-            start_costs.push((before - started).as_secs_f64());
+            start_costs.push(started.elapsed()?.as_secs_f64());
+            before = Some(proc_stat::CpuMark::now(pid)?);
             Ok(())
         })?;
+        let before = before.context("the client never finished its first call")?;
         on.push(cpu);
         wall_on += wall;
         // +1: the untimed warm-up call is metered too.
@@ -79,7 +80,7 @@ pub fn run(scale: Scale) -> anyhow::Result<Vec<Row>> {
             }
             std::thread::sleep(std::time::Duration::from_millis(100));
         }
-        daemon_cpu += (proc_stat::cpu_time(pid)? - before).as_secs_f64();
+        daemon_cpu += before.elapsed()?.as_secs_f64();
         peak_rss = peak_rss.max(proc_stat::peak_rss(pid)?);
         daemon.stop();
     }

@@ -1,6 +1,6 @@
 //! CPU time and memory of a process, read from `/proc` (user + system, all threads).
 
-use std::time::Duration;
+use std::{collections::HashMap, time::Duration};
 
 /// Clock ticks per second for `/proc/PID/stat` times.
 fn ticks_per_second() -> f64 {
@@ -9,29 +9,47 @@ fn ticks_per_second() -> f64 {
     if ticks > 0 { ticks as f64 } else { 100.0 }
 }
 
-/// CPU time of `pid` so far, all its live threads: the scheduler's own
-/// nanosecond count (`/proc/PID/task/TID/schedstat`), where `/proc/PID/stat`'s
-/// user and system times are sampled at the timer tick, and a daemon that wakes
-/// on timers runs in step with that tick, so its samples land in its bursts or
-/// between them run after run (the same binary measured 1.1 and 2.8 CPU-s per
-/// 1,000 calls). Threads that exited are not counted: the daemon's are
-/// long-lived. Falls back to the sampled times where schedstat is missing.
-pub fn cpu_time(pid: u32) -> std::io::Result<Duration> {
-    match scheduled_time(pid) {
-        Ok(time) => Ok(time),
-        Err(_) => sampled_cpu_time(pid),
+/// Where a process's CPU count stood, for [`CpuMark::elapsed`]: the scheduler's
+/// own nanosecond count per thread (`/proc/PID/task/TID/schedstat`), where
+/// `/proc/PID/stat`'s user and system times are sampled at the timer tick, and a
+/// daemon that wakes on timers runs in step with that tick, so its samples land
+/// in its bursts or between them run after run (the same binary measured 1.1 and
+/// 2.8 CPU-s per 1,000 calls). Counted per thread, so that a thread that exits
+/// meanwhile (tokio's blocking pool lets an idle one go after 10 s) does not take
+/// its earlier time off the total; what it ran after the mark is lost with it.
+/// Falls back to the sampled times where schedstat is missing.
+pub struct CpuMark {
+    pid: u32,
+    threads: Option<HashMap<u32, u64>>,
+    sampled: Duration,
+}
+
+impl CpuMark {
+    pub fn now(pid: u32) -> std::io::Result<Self> {
+        Ok(Self { pid, threads: scheduled_times(pid).ok(), sampled: sampled_cpu_time(pid)? })
+    }
+
+    /// CPU time the process's threads ran since the mark.
+    pub fn elapsed(&self) -> std::io::Result<Duration> {
+        let Some(before) = &self.threads else { return Ok(sampled_cpu_time(self.pid)?.saturating_sub(self.sampled)) };
+        let now = scheduled_times(self.pid)?;
+        let ns = now.iter().map(|(tid, ns)| ns.saturating_sub(before.get(tid).copied().unwrap_or(0))).sum();
+        Ok(Duration::from_nanos(ns))
     }
 }
 
-fn scheduled_time(pid: u32) -> std::io::Result<Duration> {
-    let mut total = 0u64;
+/// Scheduled nanoseconds by thread id.
+fn scheduled_times(pid: u32) -> std::io::Result<HashMap<u32, u64>> {
+    let mut times = HashMap::new();
     for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        let task = task?;
+        let Some(tid) = task.file_name().to_str().and_then(|t| t.parse::<u32>().ok()) else { continue };
         // A thread may exit between the listing and the read.
-        let Ok(stat) = std::fs::read_to_string(task?.path().join("schedstat")) else { continue };
+        let Ok(stat) = std::fs::read_to_string(task.path().join("schedstat")) else { continue };
         let ns = stat.split(' ').next().and_then(|v| v.trim().parse::<u64>().ok());
-        total += ns.ok_or_else(|| std::io::Error::other(format!("unreadable schedstat of {pid}: {stat:?}")))?;
+        times.insert(tid, ns.ok_or_else(|| std::io::Error::other(format!("unreadable schedstat of {pid}: {stat:?}")))?);
     }
-    Ok(Duration::from_nanos(total))
+    Ok(times)
 }
 
 /// User + system CPU time of `pid` so far (its threads included, children not),
@@ -70,19 +88,38 @@ mod tests {
     #[test]
     fn own_cpu_time_grows_and_peak_rss_is_plausible() {
         let me = std::process::id();
-        let before = cpu_time(me).expect("stat");
-        let scheduled = scheduled_time(me).expect("schedstat");
+        let mark = CpuMark::now(me).expect("stat");
+        let sampled = sampled_cpu_time(me).expect("stat");
+        spin(Duration::from_millis(100));
+        assert!(sampled_cpu_time(me).expect("stat") > sampled);
+        // The scheduler's count is exact, not sampled: all of the spin is in it.
+        let spun = mark.elapsed().expect("schedstat");
+        assert!(spun >= Duration::from_millis(95), "{spun:?}");
+        // A thread that ran before the mark and exits after it takes nothing off.
+        let (ready_tx, ready) = std::sync::mpsc::channel();
+        let (go, go_rx) = std::sync::mpsc::channel::<()>();
+        let worker = std::thread::spawn(move || {
+            spin(Duration::from_millis(50));
+            ready_tx.send(()).expect("send");
+            let _ = go_rx.recv();
+        });
+        ready.recv().expect("worker");
+        let mark = CpuMark::now(me).expect("stat");
+        drop(go);
+        worker.join().expect("worker");
+        spin(Duration::from_millis(100));
+        let spun = mark.elapsed().expect("schedstat");
+        assert!(spun >= Duration::from_millis(95), "{spun:?}: the exited thread's 50 ms were taken off");
+        let rss = peak_rss(me).expect("status");
+        assert!(rss > 1 << 20 && rss < 1 << 34, "{rss}");
+    }
+
+    fn spin(time: Duration) {
         let start = std::time::Instant::now();
         let mut x = 0u64;
-        while start.elapsed() < Duration::from_millis(100) {
+        while start.elapsed() < time {
             x = x.wrapping_mul(31).wrapping_add(1);
         }
         std::hint::black_box(x);
-        assert!(cpu_time(me).expect("stat") > before);
-        // The scheduler's count is exact, not sampled: all of the spin is in it.
-        let spun = scheduled_time(me).expect("schedstat") - scheduled;
-        assert!(spun >= Duration::from_millis(95), "{spun:?}");
-        let rss = peak_rss(me).expect("status");
-        assert!(rss > 1 << 20 && rss < 1 << 34, "{rss}");
     }
 }
