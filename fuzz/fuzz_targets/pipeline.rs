@@ -23,7 +23,7 @@ fuzz_target!(|data: &[u8]| {
             tid: 1,
             cgroup_id: 0,
             comm: "fuzz".into(),
-            payload: Payload::Data { direction, connection: (i / 8) as u64, call_len: record.len() as u32, offset: 0, bytes: record.to_vec() },
+            payload: Payload::Data { direction, connection: (i / 8) as u64, call_len: record.len() as u32, offset: 0, bytes: record.to_vec().into() },
         };
         r.feed(&event, &mut out);
     }

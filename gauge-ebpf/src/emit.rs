@@ -17,10 +17,13 @@ const BPF_RB_NO_WAKEUP: u64 = 1;
 const BPF_RB_FORCE_WAKEUP: u64 = 2;
 /// After a record that wakes user space, others skip the wakeup for this long;
 /// user space, once woken, looks at the ring at each wakeup and whenever none came
-/// for 100 ms, for a second (see `gauge-agent` `source::runtime::ring_reader`), so
-/// it finds them without one. Shorter than that 100 ms, or a steady stream's
-/// records would be found by the reader's own looks, a second thread wakeup.
-const WAKEUP_INTERVAL_NS: u64 = 50_000_000;
+/// for 200 ms, for a second (see `gauge-agent` `source::runtime::ring_reader`), so
+/// it finds them without one. Shorter than that 200 ms, or a steady stream's
+/// records would be found by the reader's own looks, a second thread wakeup. Only
+/// metering waits on it: records that a process or a decision waits on wake user
+/// space at once (`wakeup`). 100 ms, not 50: the daemon's CPU per streamed call
+/// fell by about a third (docs/PERFORMANCE.md section 2).
+const WAKEUP_INTERVAL_NS: u64 = 100_000_000;
 /// The window over which a process's share of the ring is counted.
 const SHARE_WINDOW_NS: u64 = 100_000_000;
 

@@ -171,8 +171,6 @@ pub struct CallTracker {
     /// u32): their text is wanted only if no usage comes, so they are parsed then,
     /// or when this fills up, and dropped once usage is reported.
     deferred: Vec<u8>,
-    /// The SSE decoder's output for the read at hand (empty between reads).
-    sse_events: Vec<sse::SseEvent>,
     /// Recognised from the request body, without headers.
     by_shape: bool,
     request: RequestContext,
@@ -206,7 +204,6 @@ impl CallTracker {
             output_text: String::new(),
             usage_expected: false,
             deferred: Vec::new(),
-            sse_events: Vec::new(),
             by_shape: false,
             request: RequestContext::from_headers(&head.headers),
             exchange: Exchange::Unknown,
@@ -305,23 +302,16 @@ impl CallTracker {
                 self.sse = Some(sse::Decoder::default());
             }
         }
-        if let Some(decoder) = &mut self.sse {
-            // Kept between reads, so each does not allocate its own.
-            let mut events = std::mem::take(&mut self.sse_events);
-            decoder.feed(bytes, &mut events);
-            for event in events.drain(..) {
-                self.stream_event(&event, at_ns);
-            }
-            // A read of many small events must not leave the call holding room for
-            // them all (not counted in `buffered`).
-            events.shrink_to(64);
-            self.sse_events = events;
+        // Taken out while it hands over events, which borrow from it.
+        if let Some(mut decoder) = self.sse.take() {
+            decoder.feed(bytes, &mut |event| self.stream_event(event, at_ns));
+            self.sse = Some(decoder);
             return;
         }
         self.body_cut |= append_capped(&mut self.body, bytes, MAX_RESPONSE_BODY);
     }
 
-    fn stream_event(&mut self, event: &sse::SseEvent, at_ns: u64) {
+    fn stream_event(&mut self, event: &sse::SseEvent<'_>, at_ns: u64) {
         if event.data == "[DONE]" {
             return;
         }
@@ -334,11 +324,11 @@ impl CallTracker {
             && !self.by_shape
             && usage::only_text(event.data.as_bytes(), self.response_model.as_deref())
         {
-            self.defer(&event.data);
+            self.defer(event.data);
             return;
         }
-        let Ok(envelope) = serde_json::from_str::<Envelope>(&event.data) else { return };
-        let kind = envelope.kind.as_deref().or(event.event.as_deref()).unwrap_or("");
+        let Ok(envelope) = serde_json::from_str::<Envelope>(event.data) else { return };
+        let kind = envelope.kind.as_deref().or(event.event).unwrap_or("");
         // The first event that carries content marks the first token.
         let content = match self.recognized.endpoint {
             Endpoint::Messages => kind == "content_block_delta",
@@ -444,11 +434,7 @@ impl CallTracker {
         }
         let event_stream = self.sse.is_some();
         if let Some(mut decoder) = self.sse.take() {
-            let mut events = Vec::new();
-            decoder.finish(&mut events);
-            for event in events {
-                self.stream_event(&event, end_ns);
-            }
+            decoder.finish(&mut |event| self.stream_event(event, end_ns));
         } else if !self.body.is_empty() {
             let body = std::mem::take(&mut self.body);
             if let Ok(envelope) = serde_json::from_slice::<Envelope>(&body) {

@@ -310,7 +310,16 @@ impl ReassemblyMetrics {
     }
 
     pub fn update(&mut self, drops: Drops, open: usize, buffered: usize) {
+        // Called for every capture event; drops are rare.
         let last = std::mem::replace(&mut self.last, drops);
+        if drops != last {
+            self.count_drops(drops, last);
+        }
+        self.open.set(open as i64);
+        self.buffered.set(i64::try_from(buffered).unwrap_or(i64::MAX));
+    }
+
+    fn count_drops(&mut self, drops: Drops, last: Drops) {
         for (reason, now, before) in [
             ("not_http1", drops.not_http1, last.not_http1),
             ("server_side", drops.server_side, last.server_side),
@@ -329,8 +338,6 @@ impl ReassemblyMetrics {
         if drops.hpack_desyncs > last.hpack_desyncs {
             self.hpack_desyncs.inc_by(drops.hpack_desyncs - last.hpack_desyncs);
         }
-        self.open.set(open as i64);
-        self.buffered.set(i64::try_from(buffered).unwrap_or(i64::MAX));
     }
 }
 

@@ -23,7 +23,7 @@ impl Live {
 
     fn call(&mut self, conn: u64, direction: Direction, bytes: &[u8]) -> &mut Self {
         self.t += 1_000_000;
-        let payload = Payload::Data { direction, connection: conn, call_len: bytes.len() as u32, offset: 0, bytes: bytes.to_vec() };
+        let payload = Payload::Data { direction, connection: conn, call_len: bytes.len() as u32, offset: 0, bytes: bytes.to_vec().into() };
         let event = CaptureEvent { timestamp_ns: self.t, tgid: 42, tid: 42, cgroup_id: 7, comm: "python3".into(), payload };
         self.reassembler.feed(&event, &mut self.out);
         self

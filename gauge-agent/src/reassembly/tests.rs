@@ -23,7 +23,7 @@ impl Capture {
                 tid: 42,
                 cgroup_id: 7,
                 comm: "python3".into(),
-                payload: Payload::Data { direction, connection: conn, call_len: chunk.len() as u32, offset: 0, bytes: chunk.to_vec() },
+                payload: Payload::Data { direction, connection: conn, call_len: chunk.len() as u32, offset: 0, bytes: chunk.to_vec().into() },
             });
         }
         self

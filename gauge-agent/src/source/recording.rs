@@ -93,7 +93,7 @@ impl<W: Write> Writer<W> {
         let what = match &event.payload {
             Payload::Held { .. } | Payload::Stopped { .. } => return Ok(()),
             Payload::Data { direction, connection, call_len, offset, bytes } => {
-                let mut bytes = bytes.clone();
+                let mut bytes = bytes.to_vec();
                 if self.redact {
                     self.redact_chunk(event.tgid, *connection, *direction, &mut bytes);
                 }
@@ -214,14 +214,14 @@ pub fn read(input: impl BufRead) -> Result<(Preamble, Vec<CaptureEvent>), Record
                 connection: conn,
                 call_len,
                 offset,
-                bytes: decode(&data)?,
+                bytes: decode(&data)?.into(),
             },
             What::Read { conn, call_len, offset, data } => Payload::Data {
                 direction: Direction::Read,
                 connection: conn,
                 call_len,
                 offset,
-                bytes: decode(&data)?,
+                bytes: decode(&data)?.into(),
             },
             What::Close { conn } => Payload::Close { connection: conn },
             What::Exec => Payload::Exec,
@@ -249,7 +249,7 @@ mod tests {
             tid: 8,
             cgroup_id: 9,
             comm: "python3".into(),
-            payload: Payload::Data { direction, connection: 3, call_len: bytes.len() as u32, offset: 0, bytes: bytes.to_vec() },
+            payload: Payload::Data { direction, connection: 3, call_len: bytes.len() as u32, offset: 0, bytes: bytes.to_vec().into() },
         }
     }
 

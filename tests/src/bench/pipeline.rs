@@ -30,7 +30,7 @@ pub fn capture(calls: usize, chunks: usize) -> (Vec<CaptureEvent>, usize) {
             tid: 7,
             cgroup_id: 1,
             comm: "agent".into(),
-            payload: Payload::Data { direction, connection: conn, call_len: data.len() as u32, offset: 0, bytes: data },
+            payload: Payload::Data { direction, connection: conn, call_len: data.len() as u32, offset: 0, bytes: data.into() },
         });
     };
     let body = r#"{"model":"gpt-4o-mini","stream":true,"stream_options":{"include_usage":true},"messages":[{"role":"user","content":"Summarise the attached ticket history for the customer."}]}"#;

@@ -174,7 +174,7 @@ fn feed_calls_with_usage() -> anyhow::Result<Duration> {
             tid: 7,
             cgroup_id: 1,
             comm: "agent".into(),
-            payload: Payload::Data { direction, connection, call_len: bytes.len() as u32, offset: 0, bytes },
+            payload: Payload::Data { direction, connection, call_len: bytes.len() as u32, offset: 0, bytes: bytes.into() },
         });
     };
     let post = |body: &str| {

@@ -18,18 +18,21 @@ use crate::source::{CaptureEvent, Payload};
 /// Records handled before the reader yields to other tasks.
 const BATCH: usize = 4096;
 /// While records are coming, the kernel wakes the reader for the first record
-/// after each `emit::WAKEUP_INTERVAL_NS` (50 ms) and lets the others pass
-/// without a wakeup. A wakeup can find its record not yet committed (another CPU's
-/// earlier record holds the ring back), and the last records of a burst come
-/// after the last wakeup: the reader looks again when no wakeup came for this
-/// long, the most such a record waits (a held request's record, and every record
-/// of a process under a policy, always wakes the reader). It used to look every
-/// 50 ms whether woken or not, which with the kernel's wakeups made about 40
-/// thread wakeups a second under a steady stream where 20 do; at 100 ms the
-/// daemon's thread woke 26 times a second under the agent-cost bench (a 60 ms
-/// fallback with the kernel at 40 ms made it 41). Longer than the kernel's
-/// interval, so that a steady stream's wakeups come first.
-const FALLBACK: Duration = Duration::from_millis(100);
+/// after each `emit::WAKEUP_INTERVAL_NS` (100 ms) and lets the others pass
+/// without a wakeup. The last records of a burst come after the last wakeup, and
+/// a wakeup can find its record not yet committed (another CPU's earlier record
+/// holds the ring back): the reader looks again when no wakeup came for this
+/// long, the most the last of a burst waits (a held request's record, and every
+/// record of a process under a policy, always wakes the reader; a wakeup that
+/// found nothing is followed by a look after [`RELOOK`]). Longer than the kernel's
+/// interval, so that a steady stream's wakeups come first. Measured under the
+/// agent-cost bench: a 50 ms tick beside the kernel's 50 ms wakeups made about 40
+/// thread wakeups a second; a 100 ms fallback, 26; a 60 ms fallback with the
+/// kernel at 40 ms, 41; the kernel at 100 ms with this 200 ms fallback cut the
+/// daemon's CPU per call by about a third again.
+const FALLBACK: Duration = Duration::from_millis(200);
+/// When a wakeup found no record, how soon the reader looks again.
+const RELOOK: Duration = Duration::from_millis(2);
 /// How long after the last record the reader goes on looking every
 /// [`FALLBACK`], and how often it looks when idle.
 const QUIET: Duration = Duration::from_secs(1);
@@ -66,18 +69,22 @@ impl RingReader {
         // wakeup that did not come.
         let mut active_at: Option<Instant> = None;
         let mut more = false;
-        let mut batch = Vec::with_capacity(self.batch);
+        let mut soon = None;
+        let mut batch = Vec::new();
+        let mut arena = bytes::BytesMut::new();
         loop {
+            let mut woken = false;
             if !more {
                 let active = active_at.is_some_and(|t| t.elapsed() < QUIET);
-                let woken = tokio::time::timeout(if active { FALLBACK } else { QUIET }, fd.readable_mut()).await.ok();
-                match woken {
+                let wait = soon.take().unwrap_or(if active { FALLBACK } else { QUIET });
+                match tokio::time::timeout(wait, fd.readable_mut()).await.ok() {
                     // Readiness is cleared before the ring is read, so a wakeup for a
                     // record written after this read is not lost. A wakeup counts as
                     // activity even when its record is not committed yet.
                     Some(Ok(mut guard)) => {
                         guard.clear_ready();
                         active_at = Some(Instant::now());
+                        woken = true;
                     }
                     Some(Err(error)) => {
                         tracing::error!(%error, "polling the capture ring buffer failed");
@@ -89,7 +96,7 @@ impl RingReader {
             let mut handled = 0;
             while handled < BATCH {
                 let Some(item) = fd.get_mut().next() else { break };
-                let event = self.decode(&item);
+                let event = self.decode(&item, &mut arena);
                 drop(item);
                 handled += 1;
                 if let Some(event) = event
@@ -104,6 +111,11 @@ impl RingReader {
             if handled > 0 {
                 active_at = Some(Instant::now());
             }
+            // A wakeup that found nothing came, most likely, for a record held back
+            // by another CPU's earlier one still being written: looked for again
+            // shortly, not after FALLBACK (a record of a process under a policy
+            // must not wait that long for its decision).
+            soon = (woken && handled == 0).then_some(RELOOK);
             more = handled == BATCH;
             if more {
                 // A flood must not monopolise the runtime's thread.
@@ -113,8 +125,8 @@ impl RingReader {
     }
 
     /// Decodes and counts one record.
-    fn decode(&self, record: &[u8]) -> Option<CaptureEvent> {
-        let event = match CaptureEvent::try_from(record) {
+    fn decode(&self, record: &[u8], arena: &mut bytes::BytesMut) -> Option<CaptureEvent> {
+        let event = match CaptureEvent::decode(record, arena) {
             Ok(event) => event,
             Err(error) => {
                 self.state.counters.decode_errors.fetch_add(1, Relaxed);
@@ -176,14 +188,19 @@ impl RingReader {
             // Given back by `Events::recv` when the pipeline takes the event.
             taken.forget();
         }
+        if batch.capacity() == 0 {
+            // Sized up front: grown by pushes, a batch of events was reallocated
+            // and copied eight times on its way to 256.
+            batch.reserve_exact(self.batch);
+        }
         batch.push(event);
         batch.len() < self.batch || self.flush(batch).await
     }
 
     /// Sends the batch (waiting while the queue is full); false once the pipeline is gone.
     async fn flush(&self, batch: &mut Vec<CaptureEvent>) -> bool {
-        // Sized up front: grown by pushes, a batch of events was reallocated and
-        // copied eight times on its way to 256.
-        batch.is_empty() || self.events.send(std::mem::replace(batch, Vec::with_capacity(self.batch))).await.is_ok()
+        // The next batch's room is taken at its first event (`forward`), not here:
+        // most passes over the ring end with a flush.
+        batch.is_empty() || self.events.send(std::mem::take(batch)).await.is_ok()
     }
 }
