@@ -25,8 +25,9 @@ const CONFIG: &str = "[[agents]]\nname = \"restart-bot\"\nmatch = { cmdline = \"
 /// Every metered call is logged (with its call_id); the rest stays at info.
 const LOG_LEVEL: &str = "info,gauge_agent::app=debug";
 const KILLS: usize = 3;
-/// Events reach the log within this of the response (ring buffer, pipeline).
-const LAG_NS: u64 = 300_000_000;
+/// Events reach the log within this of the response (ring buffer, pipeline): the
+/// last records of a call are found by the ring reader's 200 ms fallback.
+const LAG_NS: u64 = 500_000_000;
 
 /// Python's http.client, one connection, one call after another with a pause, each
 /// numbered in a header (the workflow, logged by the daemon) and timed on

@@ -137,6 +137,10 @@ impl PartialEq<&str> for Comm {
 /// (about 5% of the daemon's CPU under a stream of calls). It is freed when the
 /// last event in it is.
 const ARENA_BYTES: usize = 64 * 1024;
+/// A record that does not fit in what is left of the arena gets an allocation of
+/// its own while more than this is left, so that little of an arena is ever left
+/// unused (and uncounted in the queue's byte budget).
+const ARENA_SLACK: usize = 4 * 1024;
 
 impl CaptureEvent {
     /// Decodes a kernel record, copying its bytes into `arena`.
@@ -146,6 +150,9 @@ impl CaptureEvent {
             header;
         let mut bytes = || {
             if arena.capacity() < data.len() {
+                if arena.capacity() > ARENA_SLACK {
+                    return Bytes::copy_from_slice(data);
+                }
                 *arena = BytesMut::with_capacity(ARENA_BYTES.max(data.len()));
             }
             arena.extend_from_slice(data);
@@ -194,6 +201,23 @@ mod tests {
         let event = CaptureEvent::decode(&bytes, &mut arena).expect("decodes");
         let again = CaptureEvent::decode(&bytes, &mut arena).expect("decodes");
         assert_eq!(again, event, "the arena's room is not the event's");
+        // A record too large for what is left: its own allocation while much is left,
+        // a new arena once little is.
+        let mut big = header_bytes(&TlsChunkHeader { call_len: 60_000, chunk_len: 60_000, ..header }).to_vec();
+        big.resize(big.len() + 60_000, b'x');
+        let data = |event: CaptureEvent| match event.payload {
+            Payload::Data { bytes, .. } => bytes,
+            _ => panic!("data"),
+        };
+        data(CaptureEvent::decode(&big, &mut arena).expect("decodes"));
+        let left = arena.capacity();
+        assert!(left > ARENA_SLACK && left < 60_000, "{left}");
+        assert_eq!(data(CaptureEvent::decode(&big, &mut arena).expect("decodes")).len(), 60_000);
+        assert_eq!(arena.capacity(), left, "copied alone, the arena kept");
+        arena.extend_from_slice(&vec![0; left - ARENA_SLACK / 2]);
+        let _ = arena.split();
+        data(CaptureEvent::decode(&big, &mut arena).expect("decodes"));
+        assert_eq!(arena.capacity(), ARENA_BYTES - 60_000, "a new arena, the rest of it left");
         assert_eq!(event.comm, "python3");
         assert_eq!(&*Comm::from_kernel(b"py\xffthon\0\0"), "py\u{fffd}thon", "not UTF-8: replaced");
         assert_eq!(&*Comm::from("a-name-longer-than-sixteen"), "a-name-longer-th", "cut to what fits");

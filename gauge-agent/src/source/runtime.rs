@@ -277,7 +277,8 @@ fn permits_of(event: &CaptureEvent) -> u32 {
     match &event.payload {
         Payload::Data { bytes, .. } => {
             // The event's slice of the arena it shares (see `CaptureEvent::decode`);
-            // the arena's unused room, at most one arena's worth, is not counted.
+            // the little room an arena is left with (at most 4 KiB of each 64 KiB,
+            // or the last arena's) is not counted.
             let bytes = std::mem::size_of::<CaptureEvent>() + bytes.len();
             u32::try_from(bytes.div_ceil(PERMIT_BYTES)).unwrap_or(u32::MAX).min(MIN_PERMITS as u32)
         }
