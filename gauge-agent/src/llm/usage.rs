@@ -160,21 +160,18 @@ pub fn only_text(data: &[u8], known_model: Option<&str>) -> bool {
         Some(b'u' | b'm' | b'e' | b'r') => allowed_at(data, at, known_model),
         _ => true,
     };
-    let mut words = data.chunks_exact(8);
-    let mut base = 0;
-    for word in &mut words {
+    for (i, word) in data.chunks_exact(8).enumerate() {
         let word = u64::from_le_bytes(word.try_into().unwrap_or_default());
         let mut hits = bytes_equal(word, b'"') | bytes_equal(word, b'\\');
         while hits != 0 {
             // The lowest set bit is the first hit (little-endian: byte 0 is lowest).
-            if !allowed(base + (hits.trailing_zeros() / 8) as usize) {
+            if !allowed(8 * i + (hits.trailing_zeros() / 8) as usize) {
                 return false;
             }
             hits &= hits - 1;
         }
-        base += 8;
     }
-    (base..data.len()).filter(|&at| matches!(data[at], b'"' | b'\\')).all(allowed)
+    (data.len() / 8 * 8..data.len()).filter(|&at| matches!(data[at], b'"' | b'\\')).all(allowed)
 }
 
 /// The high bit of each byte of `word` that equals `byte`, and no other bit. Exact:
