@@ -7,10 +7,16 @@ pub const EVENTS: &str = "EVENTS";
 pub const STATS: &str = "STATS";
 /// Hash map tgid -> [`crate::enforce::Enforcement`]: processes under a policy.
 pub const ENFORCE: &str = "ENFORCE";
+/// Array of one `u64`: how many entries `ENFORCE` holds. Zero lets the probes skip
+/// their `ENFORCE` lookups; user space raises it after an insert and lowers it
+/// after a removal, never the other way round.
+pub const ENFORCED: &str = "ENFORCED";
 /// LRU hash map [`crate::enforce::ConnectionKey`] -> `u8`: known LLM connections.
 pub const LLM_CONNECTIONS: &str = "LLM_CONNECTIONS";
 /// Global `u32`: the most bytes captured from one `SSL_write`/`SSL_read` call.
 pub const GLOBAL_MAX_CALL_BYTES: &str = "MAX_CALL_BYTES";
+/// Global `u64`: the size of `EVENTS` in bytes, set with it at load.
+pub const GLOBAL_RING_BYTES: &str = "RING_BYTES";
 /// Global `u32`: the agent's own tgid, whose TLS traffic is never captured.
 pub const GLOBAL_SELF_TGID: &str = "SELF_TGID";
 /// Array of one `u64`: how often the start-up canary's return probe fired.

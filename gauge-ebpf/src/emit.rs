@@ -1,17 +1,16 @@
 //! Turning one intercepted call into ring-buffer records.
 
 use aya_ebpf::helpers::{
-    bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns,
-    generated::{bpf_loop, bpf_probe_read_user, bpf_ringbuf_output},
+    bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_ktime_get_ns,
+    generated::{bpf_get_current_comm, bpf_loop, bpf_probe_read_user, bpf_ringbuf_output},
 };
 use core::ffi::c_void;
 use gauge_common::tls::{CHUNK_BYTES, HEADER_BYTES, MAX_CHUNKS_PER_CALL, kind, stat};
 
-use crate::maps::{Chunk, ENFORCE, EVENTS, LAST_WAKEUP, SCRATCH, SHARES, Share, count, max_call_bytes};
+use crate::maps::{Chunk, ENFORCE, EVENTS, LAST_WAKEUP, SCRATCH, SHARES, Share, any_enforced, count, max_call_bytes, ring_bytes};
 
 /// `bpf_ringbuf_query` flags.
 const BPF_RB_AVAIL_DATA: u64 = 0;
-const BPF_RB_RING_SIZE: u64 = 1;
 /// `bpf_ringbuf_output` flags.
 const BPF_RB_NO_WAKEUP: u64 = 1;
 const BPF_RB_FORCE_WAKEUP: u64 = 2;
@@ -84,7 +83,7 @@ fn wakeup(kind: u32, tgid: u32, now_ns: u64, size: u64, pending: u64) -> u64 {
     // decision this record leads to (a connection marked as LLM traffic, a budget
     // spent), so none of its records wait.
     // SAFETY: only tested for presence.
-    if unsafe { ENFORCE.get(&tgid) }.is_some() {
+    if any_enforced() && unsafe { ENFORCE.get(&tgid) }.is_some() {
         return BPF_RB_FORCE_WAKEUP;
     }
     let Some(last) = LAST_WAKEUP.get_ptr_mut(0) else { return 0 };
@@ -117,7 +116,11 @@ fn scratch(kind: u32, connection: u64, call_len: u32) -> Option<&'static mut Chu
     header.call_len = call_len;
     header.offset = 0;
     header.chunk_len = 0;
-    header.comm = bpf_get_current_comm().unwrap_or_default();
+    // Straight into the record: the safe wrapper's zeroed stack copy cost a
+    // `memset` call and a byte-by-byte copy per record. On failure the helper
+    // zeroes the field.
+    // SAFETY: the destination is the header's comm field, in a map value.
+    unsafe { bpf_get_current_comm(header.comm.as_mut_ptr().cast(), header.comm.len() as u32) };
     Some(chunk)
 }
 
@@ -128,7 +131,7 @@ fn output(chunk: &mut Chunk, len: usize) -> bool {
     // Only plaintext is rationed: markers are tiny, and a held request must reach
     // user space, whose process waits stopped for the decision.
     let data = chunk.header.kind == kind::WRITE || chunk.header.kind == kind::READ;
-    let size = EVENTS.query(BPF_RB_RING_SIZE);
+    let size = ring_bytes();
     let pending = EVENTS.query(BPF_RB_AVAIL_DATA);
     if data && !admitted(chunk.header.tgid, chunk.header.timestamp_ns, (HEADER_BYTES + len) as u64, size, pending) {
         count(stat::EVENTS_THROTTLED, 1);

@@ -14,7 +14,7 @@ use gauge_common::{
 
 use crate::{
     emit,
-    maps::{ENFORCE, LLM_CONNECTIONS},
+    maps::{ENFORCE, LLM_CONNECTIONS, any_enforced},
 };
 
 const SIGSTOP: u32 = 19;
@@ -33,6 +33,9 @@ pub enum AtWrite {
 /// Called at every `SSL_write*` entry with the call's arguments.
 #[inline(always)]
 pub fn at_write(ssl: u64, buf: u64, len: u64) -> AtWrite {
+    if !any_enforced() {
+        return AtWrite::Passed;
+    }
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
     // SAFETY: the value is copied out at once.
     let Some(enforcement) = (unsafe { ENFORCE.get(&tgid) }).copied() else { return AtWrite::Passed };

@@ -87,6 +87,20 @@ pub struct PlainCall {
 #[map]
 pub static ENFORCE: HashMap<u32, Enforcement> = HashMap::with_max_entries(16384, 0);
 
+/// How many entries `ENFORCE` holds, kept by user space (see [`any_enforced`]).
+#[map]
+pub static ENFORCED: Array<u64> = Array::with_max_entries(1, 0);
+
+/// Whether any process is under a policy. When none is, the probes skip their
+/// `ENFORCE` lookups: a hash lookup at every write's entry and every record's
+/// output, where this array read is inlined by the verifier. User space raises
+/// the count after an entry is in and lowers it after one is out, so a nonzero
+/// count never hides an entry (docs/PERFORMANCE.md section 1).
+#[inline(always)]
+pub fn any_enforced() -> bool {
+    ENFORCED.get(0).is_some_and(|count| *count != 0)
+}
+
 /// Connections user space recognised as LLM traffic. LRU: closed connections are
 /// never removed explicitly.
 #[map]
@@ -116,6 +130,17 @@ pub fn max_call_bytes() -> u32 {
     // volatile read keeps the compiler from folding in the default.
     let configured = unsafe { core::ptr::read_volatile(&MAX_CALL_BYTES) };
     configured.min(HARD_MAX_CALL_BYTES)
+}
+
+/// The size of `EVENTS` in bytes; user space sets it with the ring's size at load.
+/// A global, not `bpf_ringbuf_query(RING_SIZE)` at every record: a helper call less.
+#[unsafe(no_mangle)]
+static RING_BYTES: u64 = 16 * 1024 * 1024;
+
+#[inline(always)]
+pub fn ring_bytes() -> u64 {
+    // SAFETY: as for MAX_CALL_BYTES.
+    unsafe { core::ptr::read_volatile(&RING_BYTES) }
 }
 
 /// 1 when return probes are off: writes are then emitted at entry. Set at load.
@@ -173,11 +198,23 @@ pub fn put<K>(calls: &LruHashMap<K, SavedCall>, key: &K, call: SavedCall) {
     }
 }
 
-/// The call in flight for `key`, if any (not ended).
+/// Saves a call at its entry and returns the one still in flight for `key`, if
+/// any: one lookup, where a lookup and then `put` took two.
 #[inline(always)]
-pub fn in_flight<K>(calls: &LruHashMap<K, SavedCall>, key: &K) -> Option<SavedCall> {
-    // SAFETY: the value is copied out at once.
-    unsafe { calls.get(key) }.copied().filter(|call| call.live != 0)
+pub fn replace<K>(calls: &LruHashMap<K, SavedCall>, key: &K, call: SavedCall) -> Option<SavedCall> {
+    match calls.get_ptr_mut(key) {
+        Some(slot) => {
+            // SAFETY: a live map value, written only by its own thread's probes.
+            let slot = unsafe { &mut *slot };
+            let before = *slot;
+            *slot = call;
+            (before.live != 0).then_some(before)
+        }
+        None => {
+            let _ = calls.insert(key, &call, 0);
+            None
+        }
+    }
 }
 
 /// Ends the call in flight for `key`: returns it and marks its entry ended.

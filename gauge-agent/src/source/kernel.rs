@@ -1,7 +1,7 @@
 //! The one module that touches aya: loads the embedded eBPF object, attaches its
 //! probes to files, and hands out the ring buffer and the kernel-side counters.
 
-use std::{num::NonZeroU32, path::Path};
+use std::{collections::HashSet, num::NonZeroU32, path::Path};
 
 use aya::{
     Ebpf, EbpfLoader,
@@ -14,7 +14,7 @@ use aya::{
 use gauge_common::{
     enforce::{ConnectionKey, Enforcement},
     maps::{
-        CANARY_HITS, ENFORCE, EVENTS, FLOOR_HITS, GLOBAL_MAX_CALL_BYTES, GLOBAL_WRITE_AT_ENTRY, LISTENS, LLM_CONNECTIONS, PLAIN_FDS, PLAIN_PORTS, STATS,
+        CANARY_HITS, ENFORCE, ENFORCED, EVENTS, FLOOR_HITS, GLOBAL_MAX_CALL_BYTES, GLOBAL_RING_BYTES, GLOBAL_WRITE_AT_ENTRY, LISTENS, LLM_CONNECTIONS, PLAIN_FDS, PLAIN_PORTS, STATS,
         programs as prog,
     },
     tls::{self, PlainSocket, stat},
@@ -177,8 +177,10 @@ impl KernelCapture {
         }
         let max_call = options.max_call_bytes.min(tls::MAX_CALL_BYTES);
         let write_at_entry = u32::from(!options.return_probes);
+        let ring_bytes = u64::from(ring);
         let mut ebpf = EbpfLoader::new()
             .map_max_entries(EVENTS, ring)
+            .override_global(GLOBAL_RING_BYTES, &ring_bytes, true)
             .override_global(GLOBAL_MAX_CALL_BYTES, &max_call, true)
             .override_global(GLOBAL_WRITE_AT_ENTRY, &write_at_entry, true)
             .load(EBPF_OBJECT)?;
@@ -292,7 +294,9 @@ impl KernelCapture {
         let enforce = HashMap::try_from(map).map_err(|source| KernelError::Map { name: ENFORCE, source })?;
         let map = self.ebpf.take_map(LLM_CONNECTIONS).ok_or(KernelError::Missing(LLM_CONNECTIONS))?;
         let connections = HashMap::try_from(map).map_err(|source| KernelError::Map { name: LLM_CONNECTIONS, source })?;
-        Ok(EnforcementMaps { enforce, connections })
+        let map = self.ebpf.take_map(ENFORCED).ok_or(KernelError::Missing(ENFORCED))?;
+        let count = Array::try_from(map).map_err(|source| KernelError::Map { name: ENFORCED, source })?;
+        Ok(EnforcementMaps { enforce, count, entries: HashSet::new(), connections })
     }
 }
 
@@ -391,17 +395,38 @@ impl FloorProbe {
 /// What the probes enforce at `SSL_write` entry, per process.
 pub struct EnforcementMaps {
     enforce: HashMap<MapData, u32, Enforcement>,
+    /// `ENFORCED`: how many entries `enforce` holds, which the probes read to skip
+    /// their lookups in it while it is empty.
+    count: Array<MapData, u64>,
+    /// The tgids in `enforce`, as far as this side knows: one that may still be
+    /// there is kept, so the count errs high (a wasted lookup), never low (a policy
+    /// skipped).
+    entries: HashSet<u32>,
     connections: HashMap<MapData, ConnectionKey, u8>,
 }
 
 impl EnforcementMaps {
     pub fn set(&mut self, tgid: u32, enforcement: Enforcement) -> Result<(), aya::maps::MapError> {
-        self.enforce.insert(tgid, enforcement, 0)
+        // The entry first, then the count: a probe that reads the count as
+        // nonzero must find it.
+        self.enforce.insert(tgid, enforcement, 0)?;
+        if self.entries.insert(tgid) {
+            self.publish()?;
+        }
+        Ok(())
     }
 
     pub fn clear(&mut self, tgid: u32) {
-        // Absent already is fine: the goal is that it is absent.
-        let _ = self.enforce.remove(&tgid);
+        // Absent already is fine: the goal is that it is absent. The count comes
+        // down only once the entry is surely gone.
+        let gone = self.enforce.remove(&tgid).is_ok() || self.enforce.get(&tgid, 0).is_err();
+        if gone && self.entries.remove(&tgid) {
+            let _ = self.publish();
+        }
+    }
+
+    fn publish(&mut self) -> Result<(), aya::maps::MapError> {
+        self.count.set(0, self.entries.len() as u64, 0)
     }
 
     /// Every write on this connection is an LLM request's from now on.

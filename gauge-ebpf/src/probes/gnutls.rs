@@ -48,7 +48,7 @@ pub fn gnutls_send_return(ctx: RetProbeContext) -> u32 {
 /// `ssize_t gnutls_record_recv(gnutls_session_t session, void *data, size_t data_size)`
 #[uprobe]
 pub fn gnutls_recv_entry(ctx: ProbeContext) -> u32 {
-    let _ = save(&ctx, &READ_ARGS, None);
+    save(&ctx, &READ_ARGS, None);
     0
 }
 

@@ -15,7 +15,7 @@ use gauge_common::tls::{kind, stat};
 
 use crate::{
     emit, enforce,
-    maps::{GO_READ_ARGS, GO_WRITE_ARGS, GoCall, SavedCall, count, end, in_flight, put},
+    maps::{GO_READ_ARGS, GO_WRITE_ARGS, GoCall, SavedCall, count, end, put, replace},
 };
 
 /// Go's ABIInternal registers at a probe on x86_64.
@@ -58,13 +58,13 @@ pub fn go_tls_write_entry(ctx: ProbeContext) -> u32 {
     let r = regs(&ctx);
     let key = key(r.r14);
     let mut call = SavedCall::new(r.rax, r.rbx, 0);
-    let before = in_flight(&GO_WRITE_ARGS, &key);
-    if before.is_some_and(|b| b.stopped != 0 && b.ssl == call.ssl && b.buf == call.buf) {
+    let before = replace(&GO_WRITE_ARGS, &key, call);
+    // The same call restarted after a stop is already decided.
+    let restarted = before.is_some_and(|b| b.stopped != 0 && b.ssl == call.ssl && b.buf == call.buf);
+    if restarted || enforce::at_write(call.ssl, call.buf, r.rcx) != enforce::AtWrite::Passed {
         call.stopped = 1;
-    } else if enforce::at_write(call.ssl, call.buf, r.rcx) != enforce::AtWrite::Passed {
-        call.stopped = 1;
+        put(&GO_WRITE_ARGS, &key, call);
     }
-    put(&GO_WRITE_ARGS, &key, call);
     0
 }
 

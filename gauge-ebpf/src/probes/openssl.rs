@@ -22,17 +22,19 @@ use gauge_common::tls::{kind, stat};
 
 use crate::{
     emit, enforce,
-    maps::{READ_ARGS, SavedCall, WRITE_ARGS, count, end, in_flight, put, write_at_entry},
+    maps::{READ_ARGS, SavedCall, WRITE_ARGS, count, end, put, replace, write_at_entry},
 };
 
-pub(crate) fn save(ctx: &ProbeContext, calls: &LruHashMap<u64, SavedCall>, len_out_arg: Option<usize>) -> SavedCall {
-    let call = SavedCall::new(
+fn args(ctx: &ProbeContext, len_out_arg: Option<usize>) -> SavedCall {
+    SavedCall::new(
         ctx.arg::<u64>(0).unwrap_or(0),
         ctx.arg::<u64>(1).unwrap_or(0),
         len_out_arg.and_then(|n| ctx.arg::<u64>(n)).unwrap_or(0),
-    );
-    put(calls, &bpf_get_current_pid_tgid(), call);
-    call
+    )
+}
+
+pub(crate) fn save(ctx: &ProbeContext, calls: &LruHashMap<u64, SavedCall>, len_out_arg: Option<usize>) {
+    put(calls, &bpf_get_current_pid_tgid(), args(ctx, len_out_arg));
 }
 
 /// Entry of a write: saves the arguments and applies enforcement once per call
@@ -53,15 +55,11 @@ pub(crate) fn write_entry(ctx: &ProbeContext, len_out_arg: Option<usize>, len: u
         return;
     }
     let key = bpf_get_current_pid_tgid();
-    let before = in_flight(&WRITE_ARGS, &key);
-    let mut call = save(ctx, &WRITE_ARGS, len_out_arg);
-    if before.is_some_and(|b| b.stopped != 0 && b.ssl == call.ssl && b.buf == call.buf) {
-        // The same call, restarted after the stop: already decided.
-        call.stopped = 1;
-        put(&WRITE_ARGS, &key, call);
-        return;
-    }
-    if enforce::at_write(call.ssl, call.buf, len) != enforce::AtWrite::Passed {
+    let mut call = args(ctx, len_out_arg);
+    let before = replace(&WRITE_ARGS, &key, call);
+    // The same call, restarted after the stop, is already decided.
+    let restarted = before.is_some_and(|b| b.stopped != 0 && b.ssl == call.ssl && b.buf == call.buf);
+    if restarted || enforce::at_write(call.ssl, call.buf, len) != enforce::AtWrite::Passed {
         call.stopped = 1;
         put(&WRITE_ARGS, &key, call);
     }
@@ -135,7 +133,7 @@ pub fn ssl_write_ex_return(ctx: RetProbeContext) -> u32 {
 /// `int SSL_read(SSL *s, void *buf, int num)`
 #[uprobe]
 pub fn ssl_read_entry(ctx: ProbeContext) -> u32 {
-    let _ = save(&ctx, &READ_ARGS, None);
+    save(&ctx, &READ_ARGS, None);
     0
 }
 
@@ -148,7 +146,7 @@ pub fn ssl_read_return(ctx: RetProbeContext) -> u32 {
 /// `int SSL_read_ex(SSL *s, void *buf, size_t num, size_t *readbytes)`
 #[uprobe]
 pub fn ssl_read_ex_entry(ctx: ProbeContext) -> u32 {
-    let _ = save(&ctx, &READ_ARGS, Some(3));
+    save(&ctx, &READ_ARGS, Some(3));
     0
 }
 
