@@ -137,11 +137,29 @@ impl Attributor {
     /// Returns whether it was (re)read.
     pub fn observe(&mut self, event: &CaptureEvent) -> bool {
         if matches!(event.payload, Payload::Exec) || !self.table.contains(event.tgid) {
-            let info = self.source.read(event.tgid).unwrap_or_else(|| ProcessInfo::from_comm(event.tgid, &event.comm));
+            let info = match self.source.read(event.tgid) {
+                Some(info) => info,
+                None => self.gone_before_read(event),
+            };
             self.remember(info);
             return true;
         }
         false
+    }
+
+    /// A process that exited before the pipeline reached its event. At an exec, what
+    /// was read of it before still holds: its parent, cgroup, container and (as
+    /// launchers pass it on) environment; only the program is new, known by its
+    /// thread name. A launcher such as a pyenv shim execs the real client, which can
+    /// make its call and exit while the pipeline is behind; without this its agent
+    /// would be lost.
+    fn gone_before_read(&self, event: &CaptureEvent) -> ProcessInfo {
+        match self.table.get(event.tgid) {
+            Some(known) if matches!(event.payload, Payload::Exec) => {
+                ProcessInfo { comm: event.comm.to_string(), exe: String::new(), cmdline: String::new(), ..known.clone() }
+            }
+            _ => ProcessInfo::from_comm(event.tgid, &event.comm),
+        }
     }
 
     pub fn attribute(&mut self, metered: &Metered) -> Attribution {
@@ -300,6 +318,49 @@ mod tests {
         let mut a = attributor("[[agents]]\nname = \"nightly\"\nmatch = { cmdline = 'run_batch\\.py' }\n");
         assert_eq!(a.attribute(&metered(11, RequestContext::default())).agent, "nightly");
         assert_eq!(a.attribute(&metered(10, RequestContext::default())).agent, "nightly");
+    }
+
+    /// A launcher (pid 20) that is read once, then execs its client and is gone.
+    #[derive(Default)]
+    struct Launcher {
+        reads: u32,
+    }
+
+    impl ProcessSource for Launcher {
+        fn read(&mut self, tgid: u32) -> Option<ProcessInfo> {
+            self.reads += 1;
+            (tgid == 20 && self.reads == 1).then(|| ProcessInfo {
+                tgid,
+                ppid: 1,
+                start_time: 9,
+                comm: "python3".into(),
+                exe: "/usr/bin/bash".into(),
+                cmdline: "bash /root/.pyenv/libexec/pyenv exec python3".into(),
+                cgroup: "/system.slice/agents.service".into(),
+                env: vec![("GAUGE_AGENT".into(), "upgraded-bot".into())],
+                ..Default::default()
+            })
+        }
+        fn start_time(&mut self, _: u32) -> Option<u64> {
+            None
+        }
+    }
+
+    #[test]
+    fn a_client_gone_before_its_exec_was_read_keeps_what_its_launcher_passed_on() {
+        let config = crate::config::Config::parse("", "test.toml").expect("config");
+        let mut a = Attributor::new(config.attribution, config.agents, Box::new(Launcher::default()));
+        let event = |payload| CaptureEvent { timestamp_ns: 1, tgid: 20, tid: 20, cgroup_id: 0, comm: "python3".into(), payload };
+        assert!(a.observe(&event(Payload::Exec)));
+        assert!(a.observe(&event(Payload::Exec)), "the exec of the real client is read again, and finds it gone");
+        let who = a.attribute(&metered(20, RequestContext::default()));
+        assert_eq!((who.agent.as_str(), who.process.as_str(), who.exe.as_str()), ("upgraded-bot", "python3", ""));
+        assert_eq!(a.cgroup_of(20), "/system.slice/agents.service");
+
+        // Without an earlier read there is only the thread name.
+        let mut fresh = Attributor::new(AttributionConfig::default(), Vec::new(), Box::new(Launcher { reads: 1 }));
+        assert!(fresh.observe(&event(Payload::Exec)));
+        assert_eq!(fresh.attribute(&metered(20, RequestContext::default())).agent, rules::UNASSIGNED);
     }
 
     #[test]
