@@ -189,13 +189,7 @@ impl SavedCall {
 /// Saves a call at its entry: in place over the thread's last one when it has one.
 #[inline(always)]
 pub fn put<K>(calls: &LruHashMap<K, SavedCall>, key: &K, call: SavedCall) {
-    match calls.get_ptr_mut(key) {
-        // SAFETY: a live map value, written only by its own thread's probes.
-        Some(slot) => unsafe { *slot = call },
-        None => {
-            let _ = calls.insert(key, &call, 0);
-        }
-    }
+    let _ = replace(calls, key, call);
 }
 
 /// Saves a call at its entry and returns the one still in flight for `key`, if

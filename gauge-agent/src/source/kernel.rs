@@ -419,7 +419,7 @@ impl EnforcementMaps {
     pub fn clear(&mut self, tgid: u32) {
         // Absent already is fine: the goal is that it is absent. The count comes
         // down only once the entry is surely gone.
-        let gone = self.enforce.remove(&tgid).is_ok() || self.enforce.get(&tgid, 0).is_err();
+        let gone = self.enforce.remove(&tgid).is_ok() || matches!(self.enforce.get(&tgid, 0), Err(aya::maps::MapError::KeyNotFound));
         if gone && self.entries.remove(&tgid) {
             let _ = self.publish();
         }
