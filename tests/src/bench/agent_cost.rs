@@ -9,9 +9,10 @@
 //!
 //! The client's CPU differs by more than the probes cost from run to run on a VM
 //! (its vCPUs need not run alike, and Python's hash seed moves its memory layout),
-//! so the client runs alone on one CPU (the server, the daemon and this process on
-//! the others), with a fixed hash seed, its on and off runs are paired within a
-//! round, and the figure is the median of the rounds' ratios.
+//! so the client runs alone on one CPU (the server, the daemon and the thread that
+//! starts them on the others), with a fixed hash seed, its on and off runs are
+//! paired within a round, the order alternating, and the figure is the median of
+//! the rounds' ratios.
 
 use std::{
     io::{BufRead as _, BufReader, Write as _},
@@ -51,8 +52,8 @@ print("ok")
 const AGENT: &str = "bench-agent-cost";
 
 pub fn run(scale: Scale) -> anyhow::Result<Vec<Row>> {
-    // The client alone on one CPU, everything else (this thread, the server's
-    // threads, the daemon) on the others, for the whole section.
+    // The client alone on one CPU; this thread, and so the server's threads and
+    // the daemon it starts, on the others, for the whole section.
     let split = split_cpus();
     let client_cpu = split.as_ref().map(|(cpu, _)| *cpu);
     let _restore = split.map(|(_, before)| Restore(before));
@@ -66,10 +67,11 @@ pub fn run(scale: Scale) -> anyhow::Result<Vec<Row>> {
     let (mut daemon_cpu, mut metered, mut tokens, mut made, mut wall_on) = (0.0, 0.0, 0.0, 0u64, 0.0);
     let mut peak_rss = 0;
     let mut start_costs = Vec::new();
-    for _ in 0..rounds {
-        let quiet = client(client_cpu, &cert, port, calls, Duration::ZERO, || Ok(()))?;
-        off.push(quiet.user + quiet.system);
-        off_system.push(quiet.system);
+    let unwatched = || client(client_cpu, &cert, port, calls, Duration::ZERO, || Ok(()));
+    for round in 0..rounds {
+        // Off first in even rounds, on first in odd ones: a drift within rounds
+        // falls on both.
+        let first = if round % 2 == 0 { Some(unwatched()?) } else { None };
         let mut daemon = Daemon::start("");
         daemon.wait_healthy();
         let pid = daemon.pid();
@@ -103,6 +105,12 @@ pub fn run(scale: Scale) -> anyhow::Result<Vec<Row>> {
         daemon_cpu += before.elapsed()?.as_secs_f64();
         peak_rss = peak_rss.max(proc_stat::peak_rss(pid)?);
         daemon.stop();
+        let quiet = match first {
+            Some(quiet) => quiet,
+            None => unwatched()?,
+        };
+        off.push(quiet.user + quiet.system);
+        off_system.push(quiet.system);
     }
     // The daemon's CPU is counted over the timed calls only (not the warm-up).
     let timed = calls * rounds;
@@ -114,6 +122,10 @@ pub fn run(scale: Scale) -> anyhow::Result<Vec<Row>> {
     let (off_cpu, on_cpu) = (median(&mut off), median(&mut on));
     let (off_system, on_system) = (median(&mut off_system), median(&mut on_system));
     let records_per_call = records / made as f64;
+    let placement = match client_cpu {
+        Some(cpu) => format!("alone on CPU {cpu}, the server and daemon on the others"),
+        None => "one CPU: not pinned".to_owned(),
+    };
     let how = format!("openai SDK, {timed} timed streamed calls of {CHUNKS} chunks, {:.0} calls/s, one after another; schedstat", timed as f64 / wall_on);
     let served = made as f64 * COMPLETION_TOKENS as f64;
     Ok(vec![
@@ -122,10 +134,10 @@ pub fn run(scale: Scale) -> anyhow::Result<Vec<Row>> {
         Row::new("daemon CPU per 1,000 calls", format!("{per_thousand:.3} CPU-s"), how.clone()).target("< 0.5 CPU-s", per_thousand < 0.5),
         Row::new("daemon CPU for a client's start", format!("{:.3} CPU-s", median(&mut start_costs)), "its libraries read (once per daemon) and its first call, median of the runs"),
         Row::new("daemon peak RSS", format!("{rss_mib:.1} MiB"), "VmHWM at the end, embedded default config").target("< 64 MiB", rss_mib < 64.0),
-        Row::new("client CPU, Gauge off", format!("{off_cpu:.2} CPU-s"), format!("{calls} calls, median of {rounds} runs; alone on one CPU, the server and daemon on the others")),
-        Row::new("client CPU, Gauge on", format!("{on_cpu:.2} CPU-s"), format!("{calls} calls, median of {rounds} runs, each after an off run")),
+        Row::new("client CPU, Gauge off", format!("{off_cpu:.2} CPU-s"), format!("{calls} calls, median of {rounds} runs; {placement}")),
+        Row::new("client CPU, Gauge on", format!("{on_cpu:.2} CPU-s"), format!("{calls} calls, median of {rounds} runs, each paired with an off run, the order alternating")),
         Row::new("client system CPU, off / on", format!("{off_system:.2} / {on_system:.2} CPU-s"), "of the above: where the probes' traps and programs are counted"),
-        Row::new("probed SSL calls per LLM call", format!("{records_per_call:.0}"), "gauge_capture_events_total (read, write) over calls made: one per SSE chunk; each costs the client what section 1's `Gauge, added` says"),
+        Row::new("capture records per LLM call", format!("{records_per_call:.0}"), "gauge_capture_events_total (read, write) of every process over the client's calls: a record is a probed SSL call that moved data"),
         Row::new("client CPU, on / off", format!("{ratio:.3}x"), format!("median of the {rounds} rounds' ratios ({low:.3}-{high:.3}): the probes' cost to the monitored process"))
             .target("<= 1.03x", ratio <= 1.03),
     ])
@@ -190,9 +202,9 @@ fn client(
     }
 }
 
-/// The CPU the client runs on, and the guard that keeps this thread (and so the
-/// server's threads and the daemon, started from it) off that CPU until dropped.
-/// `None` on a one-CPU machine, where nothing is pinned.
+/// Moves this thread (and so the server's threads and the daemon, started from it)
+/// off the last CPU it may use; returns that CPU, for the client, and the set the
+/// thread had, for [`Restore`]. `None` on a one-CPU machine, where nothing is pinned.
 fn split_cpus() -> Option<(usize, Affinity)> {
     let before = Affinity::current()?;
     let cpus: Vec<usize> = before.cpus().collect();
@@ -204,7 +216,7 @@ fn split_cpus() -> Option<(usize, Affinity)> {
     others.apply_to_this_thread().then_some((client, before))
 }
 
-/// A CPU set; dropping one made by [`split_cpus`] restores it on this thread.
+/// A CPU set.
 struct Affinity(libc::cpu_set_t);
 
 impl Affinity {
